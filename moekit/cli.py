@@ -1,0 +1,53 @@
+"""The ``moekit`` command line.
+
+Each subcommand lives in ``moekit/commands/<module>.py`` and registers itself with
+``register(subparsers)``. A user error (:class:`moekit.errors.MoekitError`, a missing file)
+prints one line to stderr and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from moekit.errors import MoekitError
+
+COMMAND_MODULES = (
+    "moekit.commands.listing",
+    "moekit.commands.config",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="Mixture-of-Experts multi-task learning for vision and medical imaging.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (MoekitError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"moekit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

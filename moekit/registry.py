@@ -1,0 +1,203 @@
+"""Named registries and ``build(cfg)``: the one door from a config dict to an object.
+
+Every interchangeable part of moekit (routers, experts, MoE layers, backbones, heads, models,
+losses, weightings, datasets, metrics, transforms) is registered by name with a decorator and
+built from a config dict ``{"type": name, **kwargs}``, in the spirit of timm's
+``create_model`` and mmcv's registries. Mistakes fail early with messages that name the
+registry, the bad name or argument and the valid choices.
+
+Example::
+
+    @ROUTERS.register("top_p")
+    class TopPRouter(nn.Module): ...
+
+    router = ROUTERS.build({"type": "top_p", "p": 0.4}, dim=384, num_experts=16)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from moekit.errors import RegistryError, did_you_mean
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+# Subpackages whose import registers the built-in entries. Listed here (not imported by
+# moekit/__init__) so that `import moekit.registry` stays cheap.
+BUILTIN_MODULES = (
+    "moekit.routing",
+    "moekit.moe",
+    "moekit.nn",
+    "moekit.losses",
+    "moekit.metrics",
+    "moekit.models",
+    "moekit.data",
+    "moekit.engine",
+)
+
+
+def _definition_site(obj: Any) -> str:
+    module = getattr(obj, "__module__", "?")
+    qualname = getattr(obj, "__qualname__", repr(obj))
+    try:
+        line = inspect.getsourcelines(obj)[1]
+    except (OSError, TypeError):
+        return f"{module}.{qualname}"
+    return f"{module}.{qualname} (line {line})"
+
+
+def accepted_kwargs(fn: Callable[..., Any]) -> tuple[list[str], bool]:
+    """Names of the keyword arguments ``fn`` accepts, and whether it takes ``**kwargs``."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    params = list(inspect.signature(target).parameters.values())
+    if inspect.isclass(fn) and params and params[0].name == "self":
+        params = params[1:]
+    names = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    return names, var_kw
+
+
+class Registry:
+    """A mapping from names to classes or factory functions of one kind."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"Registry({self.name}, {sorted(self._entries)})"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, Callable[..., Any]]]:
+        return sorted(self._entries.items())
+
+    def register(self, name: str | T | None = None) -> Any:
+        """Register a class or function, as ``@REG.register`` or ``@REG.register("name")``.
+
+        Without a name the object's ``__name__`` is used. Registering a second object under a
+        name already taken is an error naming both definitions.
+        """
+        if callable(name):
+            return self._add(name.__name__, name)
+
+        def decorator(obj: T) -> T:
+            return self._add(name or obj.__name__, obj)
+
+        return decorator
+
+    def _add(self, name: str, obj: T) -> T:
+        existing = self._entries.get(name)
+        if existing is not None and existing is not obj:
+            raise RegistryError(
+                f"{self.name}: '{name}' is registered twice: by {_definition_site(existing)} "
+                f"and by {_definition_site(obj)}"
+            )
+        self._entries[name] = obj
+        return obj
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """Return the entry called ``name``; unknown names list the valid ones."""
+        if not isinstance(name, str):
+            raise RegistryError(f"{self.name}: 'type' must be a string, got {name!r}")
+        try:
+            return self._entries[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "(none registered)"
+            raise RegistryError(
+                f"{self.name}: unknown type '{name}'; valid: {valid}"
+                f"{did_you_mean(name, self._entries)}"
+            ) from None
+
+    def build(self, cfg: Mapping[str, Any] | str, /, **defaults: Any) -> Any:
+        """Build one object from ``{"type": name, **kwargs}`` (or just a name).
+
+        ``defaults`` fill arguments the config leaves out (the config wins). Every argument
+        is checked against the constructor's signature before it is called, so a typo in a
+        key is reported with the accepted keys instead of a ``TypeError`` deep inside.
+        """
+        if isinstance(cfg, str):
+            cfg = {"type": cfg}
+        if not isinstance(cfg, Mapping):
+            raise RegistryError(
+                f"{self.name}: expected a mapping with a 'type' key, got {type(cfg).__name__}"
+            )
+        if "type" not in cfg:
+            raise RegistryError(
+                f"{self.name}: config {dict(cfg)!r} has no 'type' key; "
+                f"valid types: {', '.join(self.names())}"
+            )
+        kwargs = {**defaults, **{k: v for k, v in cfg.items() if k != "type"}}
+        name = cfg["type"]
+        fn = self.get(name)
+        accepted, var_kw = accepted_kwargs(fn)
+        if not var_kw:
+            unknown = [k for k in kwargs if k not in accepted]
+            if unknown:
+                key = unknown[0]
+                raise RegistryError(
+                    f"{self.name} '{name}' does not accept '{key}'"
+                    f"{did_you_mean(key, accepted)}; accepted: {', '.join(accepted) or '(none)'}"
+                )
+        return fn(**kwargs)
+
+
+def summary_line(obj: Any) -> str:
+    """First line of an entry's docstring (for ``moekit list``)."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def import_builtins() -> None:
+    """Import every built-in module so that the registries are filled."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+ROUTERS = Registry("ROUTERS")
+EXPERTS = Registry("EXPERTS")
+MOE_LAYERS = Registry("MOE_LAYERS")
+BACKBONES = Registry("BACKBONES")
+HEADS = Registry("HEADS")
+MODELS = Registry("MODELS")
+TASK_LOSSES = Registry("TASK_LOSSES")
+AUX_LOSSES = Registry("AUX_LOSSES")
+WEIGHTINGS = Registry("WEIGHTINGS")
+DATASETS = Registry("DATASETS")
+METRICS = Registry("METRICS")
+TRANSFORMS = Registry("TRANSFORMS")
+
+REGISTRIES: dict[str, Registry] = {
+    r.name: r
+    for r in (
+        ROUTERS,
+        EXPERTS,
+        MOE_LAYERS,
+        BACKBONES,
+        HEADS,
+        MODELS,
+        TASK_LOSSES,
+        AUX_LOSSES,
+        WEIGHTINGS,
+        DATASETS,
+        METRICS,
+        TRANSFORMS,
+    )
+}

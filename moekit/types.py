@@ -1,0 +1,191 @@
+"""Core types: :class:`Task` (from config), :class:`Batch` and :class:`ModelOutput`.
+
+Every dataset yields batches whose targets are masked per task by ``has_target``; every model
+returns a :class:`ModelOutput`; every loss and metric is masked by ``has_target``. This is what
+lets images with different label sets (IDRiD grading vs segmentation images), missing labels and
+missing modalities share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from moekit.errors import ConfigError, did_you_mean
+from moekit.routing.types import RoutingRecord
+
+TaskKind = Literal["multiclass", "multilabel", "segmentation", "regression"]
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+
+
+def _spec_dict(entry: Any, where: str) -> dict[str, Any]:
+    """Accept ``name`` or ``{type: name, ...}`` and return the dict form."""
+    if isinstance(entry, str):
+        return {"type": entry}
+    if isinstance(entry, Mapping) and isinstance(entry.get("type"), str):
+        return dict(entry)
+    raise ConfigError(f"{where}: expected a name or a mapping with 'type', got {entry!r}")
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of a task loss: ``weight * TASK_LOSSES[type](**kwargs)``."""
+
+    type: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.type, **self.kwargs}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric of a task: its registry type, its column name and its direction."""
+
+    type: str
+    name: str
+    higher_is_better: bool
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.type, **self.kwargs}
+
+
+def _metric_direction(metric_type: str, where: str) -> bool:
+    from moekit.registry import METRICS
+
+    direction = getattr(METRICS.get(metric_type), "higher_is_better", None)
+    if direction is None:
+        raise ConfigError(
+            f"{where}: metric '{metric_type}' does not declare a direction; "
+            "set higher_is_better: true|false"
+        )
+    return bool(direction)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of a multi-task experiment, parsed from the ``tasks:`` section of a config.
+
+    Example::
+
+        tasks:
+          rg:
+            kind: multiclass
+            num_classes: 5
+            loss: [cross_entropy, {type: focal, weight: 1.0, gamma: 4.0}]
+            metrics: [accuracy]
+    """
+
+    name: str
+    kind: TaskKind
+    num_classes: int
+    loss: tuple[LossTerm, ...]
+    metrics: tuple[MetricSpec, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> Task:
+        where = f"tasks.{name}"
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {cfg!r}")
+        kind = cfg.get("kind")
+        if kind not in TASK_KINDS:
+            raise ConfigError(
+                f"{where}.kind: '{kind}' is not a task kind; valid: {', '.join(TASK_KINDS)}"
+                f"{did_you_mean(str(kind), TASK_KINDS)}"
+            )
+        num_classes = cfg.get("num_classes", 1)
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ConfigError(f"{where}.num_classes: expected a positive int, got {num_classes!r}")
+        raw_loss = cfg.get("loss", [])
+        raw_loss = [raw_loss] if isinstance(raw_loss, str | Mapping) else list(raw_loss)
+        loss = []
+        for i, entry in enumerate(raw_loss):
+            spec = _spec_dict(entry, f"{where}.loss[{i}]")
+            weight = float(spec.pop("weight", 1.0))
+            loss.append(LossTerm(spec.pop("type"), weight, spec))
+        metrics = []
+        for i, entry in enumerate(cfg.get("metrics", []) or []):
+            spec = _spec_dict(entry, f"{where}.metrics[{i}]")
+            metric_type = spec.pop("type")
+            metric_name = spec.pop("name", metric_type)
+            direction = spec.pop("higher_is_better", None)
+            if direction is None:
+                direction = _metric_direction(metric_type, f"{where}.metrics[{i}]")
+            metrics.append(MetricSpec(metric_type, metric_name, bool(direction), spec))
+        known = {"kind", "num_classes", "loss", "metrics"}
+        options = {k: v for k, v in cfg.items() if k not in known}
+        return cls(name, kind, num_classes, tuple(loss), tuple(metrics), options)
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether predictions are per pixel (segmentation and dense regression maps)."""
+        return self.kind == "segmentation" or bool(self.options.get("dense", False))
+
+
+def tasks_from_config(cfg: Mapping[str, Any]) -> dict[str, Task]:
+    """Parse the ``tasks:`` mapping of an experiment config, in its order."""
+    tasks = cfg.get("tasks")
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise ConfigError("config key 'tasks': expected a non-empty mapping of task name -> spec")
+    return {name: Task.from_config(name, spec) for name, spec in tasks.items()}
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Batch:
+    """A multi-task batch of ``B`` samples.
+
+    Attributes:
+        inputs: ``[B, C, H, W]`` images, or ``{modality: tensor}`` for multi-modal data.
+        targets: ``{task: tensor}`` with a row per sample (rows without a label hold a filler
+            value and must be ignored).
+        has_target: ``{task: bool[B]}``: which samples carry a label for the task.
+        meta: anything else per batch (sample ids, modality presence ``present[B, M]``...).
+    """
+
+    inputs: Tensor | dict[str, Tensor]
+    targets: dict[str, Tensor]
+    has_target: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        first = self.inputs if isinstance(self.inputs, Tensor) else next(iter(self.inputs.values()))
+        return int(first.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            _to_device(self.inputs, device),
+            _to_device(self.targets, device),
+            _to_device(self.has_target, device),
+            _to_device(self.meta, device),
+        )
+
+    def labelled(self, task: str) -> Tensor:
+        """``bool[B]`` mask of samples labelled for ``task`` (all False if the task is absent)."""
+        mask = self.has_target.get(task)
+        if mask is None:
+            return torch.zeros(self.batch_size, dtype=torch.bool)
+        return mask
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns: predictions per task and the routing of every MoE layer."""
+
+    preds: dict[str, Tensor]
+    routing: list[RoutingRecord] = field(default_factory=list)
