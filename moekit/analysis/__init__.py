@@ -1,1 +1,5 @@
-"""TODO"""
+"""Expert usage, per-task extraction, FLOPs, figures."""
+
+from moekit.autoimport import import_submodules
+
+import_submodules(__name__)

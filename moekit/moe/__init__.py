@@ -1,1 +1,5 @@
-"""TODO"""
+"""Sparse dispatch and MoE layers."""
+
+from moekit.autoimport import import_submodules
+
+import_submodules(__name__)

@@ -1,1 +1,5 @@
-"""TODO"""
+"""Routers: gate logits -> Routing (which experts, with which weights)."""
+
+from moekit.autoimport import import_submodules
+
+import_submodules(__name__)
