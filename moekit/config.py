@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,29 @@ from moekit.fileio import atomic_write_text
 
 BASE_KEY = "_base_"
 REPLACE_KEY = "_replace_"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats, so ``lr: 3e-4`` is a float, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with the config loader (YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,7 +92,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -77,7 +101,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping at top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a config must be a mapping at top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -132,7 +158,7 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
     if not sep or not key or any(part == "" for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = parse_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError:
         raise ConfigError(f"override '{text}': value '{raw}' is not valid YAML") from None
     return key, value, add
@@ -141,7 +167,11 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
 def _child(node: Any, part: str) -> tuple[bool, Any]:
     if isinstance(node, Mapping):
         return (part in node, node.get(part))
-    if isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+    if (
+        isinstance(node, list)
+        and part.lstrip("-").isdigit()
+        and -len(node) <= int(part) < len(node)
+    ):
         return True, node[int(part)]
     return False, None
 

@@ -55,11 +55,7 @@ def accepted_kwargs(fn: Callable[..., Any]) -> tuple[list[str], bool]:
     params = list(inspect.signature(target).parameters.values())
     if inspect.isclass(fn) and params and params[0].name == "self":
         params = params[1:]
-    names = [
-        p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     return names, var_kw
 
