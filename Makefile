@@ -17,15 +17,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check moekit tests tools
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/moekit demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check moekit tests tools
-	$(PY) -m ruff format --check moekit tests tools
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
