@@ -18,6 +18,7 @@ from moekit.errors import MoekitError
 COMMAND_MODULES = (
     "moekit.commands.listing",
     "moekit.commands.config",
+    "moekit.commands.data",
 )
 
 
