@@ -18,7 +18,10 @@ from moekit.errors import MoekitError
 COMMAND_MODULES = (
     "moekit.commands.listing",
     "moekit.commands.config",
+    "moekit.commands.train",
+    "moekit.commands.eval",
     "moekit.commands.data",
+    "moekit.commands.bench",
 )
 
 

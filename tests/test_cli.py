@@ -51,7 +51,7 @@ def test_config_check_reports_type_typo_with_key_and_suggestion(tmp_path, capsys
     assert main(["config", "check", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"moekit: error: {cfg}: model.head.router.type: ROUTERS: unknown type")
-    assert "did you mean 'top_p'?" in err and err.count("\n") == 1
+    assert "did you mean 'top_p'" in err and err.count("\n") == 1
     cfg.write_text("model:\n  head:\n    router: {type: top_p, p: 0.4}\n")
     assert main(["config", "check", str(cfg)]) == 0
 

@@ -1,5 +1,20 @@
 """Sparse dispatch and MoE layers."""
 
 from moekit.autoimport import import_submodules
+from moekit.moe.attention import MoEAttention
+from moekit.moe.base import MoELayer
+from moekit.moe.mlp import MoEMLP
+from moekit.moe.modules import MoEModules
+from moekit.moe.naming import moe_layers, name_moe_layers, set_routing
 
 import_submodules(__name__)
+
+__all__ = [
+    "MoEAttention",
+    "MoELayer",
+    "MoEMLP",
+    "MoEModules",
+    "moe_layers",
+    "name_moe_layers",
+    "set_routing",
+]

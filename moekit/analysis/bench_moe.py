@@ -1,0 +1,326 @@
+"""``moekit bench moe``: MoE-MLP speed and memory against FLOP-matched dense layers.
+
+Three measurements, each taken in one process with alternating repetitions (dense, MoE,
+dense, MoE, ...) and reported as medians, so that drifting machine load hits every variant:
+
+1. training step (forward + backward) of a MoE-MLP (``E`` experts, top-k, expert hidden
+   ``H``) against a dense MLP of hidden ``k * H``: the same active FLOPs (Mod-Squad's
+   ``H_e = H / k`` rule). Each dispatch strategy is timed, plus the seed-style "dense masked"
+   MoE that computes every expert on every token and masks the unselected ones;
+2. inference with top-p routing at several ``p`` against all-experts dense routing of the same
+   layer (the same gate), with the mean number of experts selected: time should fall in
+   proportion to the experts selected;
+3. peak memory of forward + backward (tensors allocated inside the step, parameter gradients
+   included), MoE against dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from moekit.moe.dispatch import STRATEGIES
+from moekit.moe.mlp import MoEMLP
+
+
+@dataclass
+class BenchReport:
+    """The measured numbers (``rows``: one dict per table row) and the markdown tables."""
+
+    settings: dict[str, Any]
+    train: list[dict[str, Any]] = field(default_factory=list)
+    top_p: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        s = self.settings
+        lines = [
+            f"MoE-MLP benchmark: {s['batch']}x{s['tokens']} tokens, dim {s['dim']}, "
+            f"{s['experts']} experts, top-{s['k']}, expert hidden {s['hidden']} "
+            f"(dense hidden {s['k'] * s['hidden']}); device {s['device']}, "
+            f"{s['threads']} threads, {s['reps']} alternating repetitions, medians.",
+            "",
+            "| forward + backward | median ms | ratio to dense |",
+            "|---|---:|---:|",
+            *(f"| {r['name']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in self.train),
+            "",
+            "| inference routing | mean experts / token | median ms | time ratio | "
+            "expert ratio |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {r['name']} | {r['experts']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
+                f"{r['expert_ratio']:.3f} |"
+                for r in self.top_p
+            ),
+            "",
+            "| forward + backward memory | peak MiB | of which parameter gradients | "
+            "ratio to dense |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {r['name']} | {r['peak_mib']:.1f} | {r['grad_mib']:.1f} | {r['ratio']:.3f} |"
+                for r in self.memory
+            ),
+        ]
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int,
+    device: torch.device,
+    before: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds of each function, run in turn ``reps`` times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + reps):
+        for name, fn in fns.items():
+            if before is not None:
+                before()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by the ops run inside the context.
+
+    Every storage an op returns is counted once until it is freed (a weak reference on the
+    storage, whose Python object lives as long as the storage). Works on any device.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen:
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+class DenseMLP(nn.Module):
+    """``fc2(gelu(fc1(x)))``, the FLOP-matched dense baseline."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def dense_masked(layer: MoEMLP, x: Tensor) -> Tensor:
+    """The seed's way: every expert on every token, unselected experts weighted by zero."""
+    tokens = x.reshape(-1, x.shape[-1])
+    weight = layer.router(tokens).dense_weight()
+    h = torch.einsum("nc,ech->enh", tokens, layer.fc1.weight) + layer.fc1.bias[:, None]
+    out = torch.einsum("enh,ehc->enc", layer.act(h), layer.fc2.weight) + layer.fc2.bias[:, None]
+    return torch.einsum("ne,enc->nc", weight, out).view_as(x)
+
+
+def _zero_grads(*modules: nn.Module) -> Callable[[], None]:
+    def zero() -> None:
+        for module in modules:
+            module.zero_grad(set_to_none=True)
+
+    return zero
+
+
+def _train_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        y = layer(x)
+        (y[0] if isinstance(y, tuple) else y).backward(grad)
+
+    return step
+
+
+def run(
+    batch: int = 8,
+    tokens: int = 197,
+    dim: int = 384,
+    experts: int = 16,
+    k: int = 4,
+    hidden: int = 384,
+    reps: int = 20,
+    warmup: int = 3,
+    p_values: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
+    threads: int | None = None,
+    device: str = "cpu",
+    masked: bool = True,
+    seed: int = 0,
+) -> BenchReport:
+    """Run the three measurements and return their numbers (see the module docstring).
+
+    Uses ``threads`` CPU threads (default: all cores) and restores the thread count and the
+    global random state afterwards.
+    """
+    previous_threads = torch.get_num_threads()
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _measure(batch, tokens, dim, experts, k, hidden, reps, warmup, p_values,
+                            threads, torch.device(device), masked)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(
+    batch: int,
+    tokens: int,
+    dim: int,
+    experts: int,
+    k: int,
+    hidden: int,
+    reps: int,
+    warmup: int,
+    p_values: Sequence[float],
+    threads: int,
+    dev: torch.device,
+    masked: bool,
+) -> BenchReport:
+    settings = dict(
+        batch=batch, tokens=tokens, dim=dim, experts=experts, k=k, hidden=hidden, reps=reps,
+        device=str(dev), threads=threads,
+    )
+    report = BenchReport(settings)
+    x = torch.randn(batch, tokens, dim, device=dev)
+    grad = torch.randn_like(x)
+    dense = DenseMLP(dim, k * hidden).to(dev)
+    moe = {
+        name: MoEMLP(dim, hidden, experts, {"type": "topk", "k": k}, strategy=name).to(dev)
+        for name in STRATEGIES
+    }
+
+    fns = {"dense": _train_step(dense, x, grad)}
+    for name, layer in moe.items():
+        fns[name] = _train_step(layer, x, grad)
+    if masked:
+        fns["masked"] = _train_step(lambda inp: dense_masked(moe["loop"], inp), x, grad)
+    medians = time_alternating(fns, reps, warmup, dev, _zero_grads(dense, *moe.values()))
+    labels = {
+        "dense": f"dense MLP, hidden {k * hidden}",
+        **{name: f"MoE-MLP top-{k}, dispatch `{name}`" for name in moe},
+        "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, seed-style)",
+    }
+    for name, seconds in medians.items():
+        report.train.append(
+            dict(name=labels[name], key=name, ms=seconds * 1e3, ratio=seconds / medians["dense"])
+        )
+
+    layer = moe["loop"].eval()
+    nn.init.normal_(layer.router.gate.weight, std=1.5 / math.sqrt(dim))
+    routers = {"all": {"type": "softmax"}}
+    routers.update({f"p={p}": {"type": "top_p", "p": p} for p in p_values})
+    selected: dict[str, float] = {}
+
+    def infer(name: str, cfg: dict[str, Any]) -> Callable[[], None]:
+        def fn() -> None:
+            layer.set_router(cfg)
+            with torch.no_grad():
+                _, record = layer(x)
+            selected[name] = float(record.routing.num_selected().float().mean())
+
+        return fn
+
+    medians = time_alternating(
+        {name: infer(name, cfg) for name, cfg in routers.items()}, reps, warmup, dev
+    )
+    for name, seconds in medians.items():
+        report.top_p.append(
+            dict(
+                name="all experts (dense softmax)" if name == "all" else f"top-p, {name}",
+                key=name,
+                experts=selected[name],
+                ms=seconds * 1e3,
+                ratio=seconds / medians["all"],
+                expert_ratio=selected[name] / experts,
+            )
+        )
+
+    memory_rows = [("dense", dense), *moe.items()]
+    for name, module in memory_rows:
+        module.train()
+        module.zero_grad(set_to_none=True)
+        tracker = PeakMemory()
+        with tracker:
+            _train_step(module, x, grad)()
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in module.parameters())
+        report.memory.append(
+            dict(name=labels[name], key=name, peak_mib=tracker.peak / 2**20,
+                 grad_mib=grad_bytes / 2**20)
+        )
+    for row in report.memory:
+        row["ratio"] = row["peak_mib"] / report.memory[0]["peak_mib"]
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit bench moe",
+        description="MoE-MLP forward+backward, top-p inference and memory vs dense layers.",
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=197)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=384, help="hidden size of each expert")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--p", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-masked", action="store_true", help="skip the dense-masked MoE")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    report = run(
+        batch=args.batch, tokens=args.tokens, dim=args.dim, experts=args.experts, k=args.k,
+        hidden=args.hidden, reps=args.reps, warmup=args.warmup, p_values=args.p,
+        threads=args.threads, device=args.device, masked=not args.no_masked,
+    )
+    print(report.markdown())
+    return 0

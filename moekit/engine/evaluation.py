@@ -1,0 +1,130 @@
+"""Per-split metric tracking and the evaluation loop.
+
+Names: a value of split ``s`` is ``s/<column>``, where the columns of a split are
+
+- ``loss``: the sum over tasks of the task losses (unweighted, no routing losses);
+- ``<task>/loss``: the mean per-sample loss of the task's labelled samples;
+- ``<task>/<metric>`` and ``<task>/<metric>/<suffix>`` (per class, ``per_image``...);
+- ``mtl_delta/<variant>`` and ``mtl_delta/<task>/<metric>`` when ``eval.mtl_delta`` is set.
+
+Training adds ``objective`` (the minimised total), ``aux/<name>``, ``<task>/weight``,
+``lr/<group>`` and ``time``. Every statistic is additive per sample, so the values of a split
+are exact under any batching and process count: evaluation gathers per-sample rows with
+``accelerator.gather_for_metrics`` (which drops the samples padded into the last batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.metrics.base import Metric
+from moekit.registry import METRICS
+from moekit.types import Batch, Task
+
+
+def build_metrics(task: Task) -> dict[str, Metric]:
+    """The metrics a task's config lists, by column name."""
+    class_names = task.options.get("class_names")
+    return {
+        spec.name: METRICS.build(
+            spec.config(), num_classes=task.num_classes, class_names=class_names
+        )
+        for spec in task.metrics
+    }
+
+
+def metric_directions(tasks: Mapping[str, Task]) -> dict[str, bool]:
+    """``{"<task>/<metric>": higher_is_better}`` for every configured metric."""
+    return {
+        f"{t}/{spec.name}": spec.higher_is_better
+        for t, task in tasks.items()
+        for spec in task.metrics
+    }
+
+
+class MetricTracker:
+    """Accumulates losses and metrics of one split as additive per-sample statistics."""
+
+    def __init__(self, tasks: Mapping[str, Task], mtl_delta: Any | None = None) -> None:
+        self.tasks = dict(tasks)
+        self.metrics = {name: build_metrics(task) for name, task in self.tasks.items()}
+        self.mtl_delta = mtl_delta
+        self.widths = [2 + sum(m.num_stats for m in ms.values()) for ms in self.metrics.values()]
+        self.total = torch.zeros(sum(self.widths), dtype=torch.float64)
+
+    def rows(
+        self, preds: Mapping[str, Tensor], batch: Batch, sample_losses: Mapping[str, Tensor]
+    ) -> Tensor:
+        """``[B, S]`` statistics of a batch: per task ``loss·mask, mask``, then each metric."""
+        parts = []
+        with torch.no_grad():
+            for name, metrics in self.metrics.items():
+                pred = preds[name].detach()
+                mask = batch.labelled(name).to(pred.device)
+                parts.append(torch.stack([sample_losses[name].float(), mask.float()], dim=1))
+                for metric in metrics.values():
+                    parts.append(metric.sample_stats(pred, batch.targets[name], mask))
+        return torch.cat(parts, dim=1)
+
+    def accumulate(self, rows: Tensor) -> None:
+        self.total += rows.detach().to("cpu", torch.float64).sum(dim=0)
+
+    def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> None:
+        """Sum :attr:`total` over processes (for statistics accumulated locally)."""
+        self.total = reduce_sum(self.total.to(device)).to("cpu", torch.float64)
+
+    def compute(self) -> dict[str, float]:
+        """Column values (without the split prefix)."""
+        values: dict[str, float] = {}
+        offset = 0
+        task_losses = []
+        for name, metrics in self.metrics.items():
+            loss_sum, count = self.total[offset : offset + 2].tolist()
+            offset += 2
+            values[f"{name}/loss"] = loss_sum / count if count else math.nan
+            if count:
+                task_losses.append(values[f"{name}/loss"])
+            for metric_name, metric in metrics.items():
+                metric.total = self.total[offset : offset + metric.num_stats].clone()
+                offset += metric.num_stats
+                for suffix, value in metric.compute().items():
+                    key = f"{name}/{metric_name}" + (f"/{suffix}" if suffix else "")
+                    values[key] = value
+        values = {"loss": sum(task_losses) if task_losses else math.nan, **values}
+        if self.mtl_delta is not None:
+            delta = self.mtl_delta(values, metric_directions(self.tasks))
+            values.update({f"mtl_delta/{k}": v for k, v in delta.items()})
+        return values
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Any,
+    model: torch.nn.Module,
+    objective: Any,
+    loader: Any,
+    tasks: Mapping[str, Task],
+    mtl_delta: Any | None = None,
+    progress: Callable[[Any], Any] = lambda it: it,
+) -> dict[str, float]:
+    """Losses and metrics of ``model`` on ``loader`` (all processes get the same values).
+
+    ``objective`` provides the per-sample task losses (:class:`MultiTaskObjective`, unwrapped).
+    """
+    tracker = MetricTracker(tasks, mtl_delta)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in progress(loader):
+            with accelerator.autocast():
+                preds = model(batch.inputs, task_mask=batch.has_target).preds
+            rows = tracker.rows(preds, batch, objective.sample_losses(preds, batch))
+            tracker.accumulate(accelerator.gather_for_metrics(rows))
+    finally:
+        model.train(was_training)
+    return tracker.compute()

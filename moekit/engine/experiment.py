@@ -1,0 +1,171 @@
+"""``build_experiment(cfg)``: every object of an experiment, built from the registries.
+
+The trainer owns no model-specific code: tasks come from ``tasks:``, datasets from ``DATASETS``,
+the model from ``MODELS``, losses from ``TASK_LOSSES``, the weighting from ``WEIGHTINGS``,
+routing losses from ``AUX_LOSSES``; the optimizer, LR schedule and phase schedules from their
+config sections (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Dataset
+
+from moekit.engine.objective import AuxTerm, MultiTaskObjective
+from moekit.engine.optim import build_optimizer, build_scheduler, named_parameters
+from moekit.engine.schedule import Phase, parse_phases
+from moekit.engine.seeding import seed_everything
+from moekit.engine.settings import DATA, DEBUG, EVAL, section, train_settings
+from moekit.errors import ConfigError
+from moekit.registry import (
+    AUX_LOSSES,
+    DATASETS,
+    METRICS,
+    MODELS,
+    TASK_LOSSES,
+    WEIGHTINGS,
+    import_builtins,
+)
+from moekit.types import Task, tasks_from_config
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Experiment:
+    """The built parts of an experiment (``optimizer``/``scheduler`` only with a train split)."""
+
+    cfg: dict[str, Any]
+    tasks: dict[str, Task]
+    datasets: dict[str, Dataset]
+    model: nn.Module
+    objective: MultiTaskObjective
+    optimizer: Optimizer | None
+    scheduler: LRScheduler | None
+    steps_per_epoch: int
+    routing_schedule: list[Phase]
+    freeze_schedule: list[Phase]
+    mtl_delta: Any | None
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return train_settings(self.cfg)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return section(self.cfg, "data", DATA)
+
+
+def build_aux_terms(raw: Any) -> list[AuxTerm]:
+    """``aux_losses: [{type, weight, name?, **options}]`` as weighted routing-loss terms."""
+    if raw in (None, []):
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"config key 'aux_losses': expected a list, got {raw!r}")
+    terms = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or "type" not in entry:
+            raise ConfigError(f"config key 'aux_losses[{i}]': expected a mapping with 'type'")
+        spec = dict(entry)
+        weight = float(spec.pop("weight", 1.0))
+        name = str(spec.pop("name", spec["type"]))
+        if name in {t.name for t in terms}:
+            raise ConfigError(
+                f"config key 'aux_losses[{i}]': a second loss named '{name}' (set name:)"
+            )
+        terms.append(AuxTerm(name, weight, AUX_LOSSES.build(spec)))
+    return terms
+
+
+def build_task_losses(tasks: Mapping[str, Task]) -> dict[str, list[tuple[float, nn.Module]]]:
+    """Every task's weighted ``TASK_LOSSES`` terms."""
+    losses = {}
+    for name, task in tasks.items():
+        if not task.loss:
+            raise ConfigError(f"config key 'tasks.{name}.loss': a task needs at least one loss")
+        losses[name] = [(term.weight, TASK_LOSSES.build(term.config())) for term in task.loss]
+    return losses
+
+
+def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
+    spec = section(cfg, "data", DATA)[split]
+    if spec is None:
+        raise ConfigError(f"config key 'data.{split}': the config defines no {split} dataset")
+    return DATASETS.build(spec)
+
+
+def steps_per_epoch(
+    num_samples: int, data: Mapping[str, Any], num_processes: int, accum: int
+) -> int:
+    """Optimizer steps per epoch for ``num_samples`` over ``num_processes``."""
+    global_batch = int(data["batch_size"]) * num_processes
+    batches = (
+        num_samples // global_batch if data["drop_last"] else math.ceil(num_samples / global_batch)
+    )
+    if batches < 1:
+        raise ConfigError(
+            f"config key 'data.batch_size': {num_samples} training samples make no batch of "
+            f"{global_batch} (batch_size x processes) with drop_last"
+        )
+    return math.ceil(batches / accum)
+
+
+def build_experiment(
+    cfg: Mapping[str, Any], num_processes: int = 1, splits: Iterable[str] | None = None
+) -> Experiment:
+    """Seed everything, then build tasks, datasets, model, objective, optimizer and schedules.
+
+    Args:
+        cfg: the resolved config.
+        num_processes: data-parallel processes (sets the optimizer steps per epoch).
+        splits: the datasets to build (default: every split the config defines). Without
+            ``train`` no optimizer or scheduler is built.
+    """
+    import_builtins()
+    cfg = dict(cfg)
+    seed_everything(int(cfg.get("seed", 0)), cfg.get("deterministic", False))
+    train = train_settings(cfg)
+    data = section(cfg, "data", DATA)
+    evaluation = section(cfg, "eval", EVAL)
+    debug = section(cfg, "debug", DEBUG)
+    tasks = tasks_from_config(cfg)
+    if debug["nan_task"] is not None and debug["nan_task"] not in tasks:
+        raise ConfigError(f"config key 'debug.nan_task': no task named '{debug['nan_task']}'")
+    if "model" not in cfg:
+        raise ConfigError("config key 'model': the config defines no model")
+    model = MODELS.build(cfg["model"], tasks=tasks)
+    weighting = WEIGHTINGS.build(cfg.get("weighting") or {"type": "equal"}, tasks=tasks)
+    objective = MultiTaskObjective(
+        model, tasks, build_task_losses(tasks), weighting, build_aux_terms(cfg.get("aux_losses"))
+    )
+    wanted = [s for s in SPLITS if data[s] is not None] if splits is None else list(splits)
+    datasets = {split: build_dataset(cfg, split) for split in wanted}
+    optimizer = scheduler = None
+    per_epoch = 0
+    if "train" in datasets:
+        per_epoch = steps_per_epoch(
+            len(datasets["train"]), data, num_processes, train["grad_accum"]
+        )
+        optimizer = build_optimizer(named_parameters(model, weighting), cfg)
+        scheduler = build_scheduler(optimizer, cfg, per_epoch, train["epochs"])
+    delta = evaluation["mtl_delta"]
+    return Experiment(
+        cfg=cfg,
+        tasks=tasks,
+        datasets=datasets,
+        model=model,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        steps_per_epoch=per_epoch,
+        routing_schedule=parse_phases(cfg.get("routing_schedule"), "routing_schedule"),
+        freeze_schedule=parse_phases(cfg.get("freeze_schedule"), "freeze_schedule"),
+        mtl_delta=None if delta is None else METRICS.build({"type": "mtl_delta", **delta}),
+    )

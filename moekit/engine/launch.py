@@ -1,0 +1,65 @@
+"""The ``Accelerator`` of a run, for one process or many (torchrun / accelerate launch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    is_tensorboard_available,
+)
+
+from moekit.errors import ConfigError
+
+
+def use_cpu(train: Mapping[str, Any]) -> bool:
+    """``train.device: cpu``, or ``auto`` on a machine without an accelerator."""
+    return train["device"] == "cpu" or not torch.accelerator.is_available()
+
+
+def agree_on_path(path: Path | None, make: Any, cpu: bool) -> Path:
+    """The run directory all processes use: ``path``, or ``make()`` on the main process."""
+    state = PartialState(cpu=cpu)
+    chosen = [str(path) if path is not None else (str(make()) if state.is_main_process else "")]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    return Path(chosen[0])
+
+
+def make_accelerator(train: Mapping[str, Any], project_dir: Path | None = None) -> Accelerator:
+    """An ``Accelerator`` configured by the ``train`` section.
+
+    The LR scheduler is stepped by the trainer once per optimizer step (not once per process,
+    accelerate's default), so schedules are the same for any number of processes. DDP is told
+    to find unused parameters unless ``train.find_unused_parameters: false``: per-task heads
+    and routers that a batch does not use have no gradient in that step.
+    """
+    log_with = train["log_with"]
+    if log_with == "tensorboard" and not is_tensorboard_available():
+        raise ConfigError(
+            "config key 'train.log_with': tensorboard is not installed (pip install tensorboard)"
+        )
+    project = None
+    if project_dir is not None:
+        project = ProjectConfiguration(
+            project_dir=str(project_dir), logging_dir=str(project_dir / "tensorboard")
+        )
+    return Accelerator(
+        cpu=use_cpu(train),
+        mixed_precision=train["mixed_precision"],
+        gradient_accumulation_steps=train["grad_accum"],
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=bool(train["find_unused_parameters"])
+            )
+        ],
+        log_with=log_with,
+        project_config=project,
+    )

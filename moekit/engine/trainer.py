@@ -1,0 +1,414 @@
+"""``Trainer``: one training loop on accelerate for every model and experiment of moekit.
+
+Per epoch: apply the phase schedules, train (masked task losses, weighting, routing losses,
+one ``accelerator.backward``, clipping, accumulation), evaluate on ``val``, append to
+``metrics.csv``, save ``checkpoints/last`` (and ``best``) atomically, write ``summary.json``.
+A non-finite loss stops the run with a :class:`TrainingError` naming the step and the task,
+before anything is saved, so the last checkpoint stays the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moekit.engine import checkpoint
+from moekit.engine.curves import plot_curves
+from moekit.engine.data import build_loader, set_epoch
+from moekit.engine.evaluation import MetricTracker, evaluate, metric_directions
+from moekit.engine.experiment import build_experiment
+from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
+from moekit.engine.optim import named_parameters, set_frozen
+from moekit.engine.rundir import RunDir, close_log, new_run_path
+from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
+from moekit.engine.settings import DEBUG, EVAL, section, train_settings
+from moekit.errors import ConfigError, TrainingError
+
+
+class Trainer:
+    """Train the experiment of a config into a run directory.
+
+    Args:
+        cfg: the resolved config (``moekit.config.load``).
+        run_dir: where to write the run (default ``<output_dir>/<name>-<timestamp>``).
+        resume: a run directory to continue from its ``checkpoints/last``; the run continues
+            in that directory.
+
+    Example::
+
+        trainer = Trainer(config.load("configs/tiny/two_task.yaml"))
+        summary = trainer.fit()
+    """
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        run_dir: str | Path | None = None,
+        resume: str | Path | None = None,
+    ) -> None:
+        self.cfg = dict(cfg)
+        self.settings = train_settings(self.cfg)
+        if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
+            self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
+        self.debug = section(self.cfg, "debug", DEBUG)
+        evaluation = section(self.cfg, "eval", EVAL)
+        target = Path(resume) if resume is not None else run_dir
+        path = agree_on_path(
+            None if target is None else Path(target),
+            lambda: new_run_path(self.cfg),
+            use_cpu(self.settings),
+        )
+        self.run = RunDir(path)
+        self.accelerator = acc = make_accelerator(self.settings, self.run.path)
+        if acc.is_main_process:
+            self.run.create(fresh=resume is None)
+        acc.wait_for_everyone()
+        self.log = self.run.open_log(acc.is_main_process)
+        try:
+            self._setup(evaluation, resume)
+        except BaseException:
+            close_log(self.log)
+            raise
+
+    def _setup(self, evaluation: Mapping[str, Any], resume: str | Path | None) -> None:
+        acc = self.accelerator
+        self.exp = exp = build_experiment(self.cfg, acc.num_processes)
+        if "train" not in exp.datasets:
+            raise ConfigError("config key 'data.train': training needs a train dataset")
+        self.seed = int(self.cfg.get("seed", 0))
+        self._trainable = [
+            (n, p)
+            for n, p in named_parameters(exp.model, exp.objective.weighting)
+            if p.requires_grad
+        ]
+        checkpoint.install_hooks(acc)
+        loaders = {
+            split: build_loader(ds, exp.data, train=split == "train", seed=self.seed)
+            for split, ds in exp.datasets.items()
+            if split in ("train", "val")
+        }
+        self.objective, self.optimizer, self.scheduler = acc.prepare(
+            exp.objective, exp.optimizer, exp.scheduler
+        )
+        self.loaders = {split: acc.prepare(loader) for split, loader in loaders.items()}
+        acc.unwrap_model(self.objective).set_distributed(
+            acc.num_processes, lambda t: acc.reduce(t, "sum")
+        )
+        self.monitor, self.mode = self._monitor(evaluation)
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None}
+        self.history: list[dict[str, Any]] = []
+        self._phases: tuple[int | None, int | None] | None = None
+        if resume is not None:
+            self._resume()
+        if self.state["epoch"] < self.settings["epochs"]:
+            self._apply_phases(self.state["epoch"])  # also checks the patterns before any file
+        if acc.is_main_process:
+            self.run.save_config(self.cfg)
+        if self.settings["log_with"]:
+            acc.init_trackers(str(self.cfg.get("name", "run")), config=_scalars(self.cfg))
+
+    # ------------------------------------------------------------------ setup
+    def _monitor(self, evaluation: Mapping[str, Any]) -> tuple[str, str]:
+        """The monitored ``split/column`` and its mode, checked against the known columns."""
+        has_val = "val" in self.loaders
+        monitor = evaluation["monitor"] or ("val/loss" if has_val else "train/loss")
+        split, _, column = monitor.partition("/")
+        columns = MetricTracker(self.exp.tasks, self.exp.mtl_delta).compute()
+        if split not in self.loaders or column not in columns:
+            splits = list(self.loaders)
+            valid = ", ".join(f"{s}/{c}" for s in splits for c in list(columns)[:6])
+            raise ConfigError(f"config key 'eval.monitor': '{monitor}' is not logged; e.g. {valid}")
+        mode = evaluation["mode"]
+        if mode is None:
+            directions = metric_directions(self.exp.tasks)
+            task_metric = "/".join(column.split("/")[:2])
+            if column == "loss" or column.endswith("/loss"):
+                mode = "min"
+            elif column.startswith("mtl_delta/"):
+                mode = "max"
+            elif task_metric in directions:
+                mode = "max" if directions[task_metric] else "min"
+            else:
+                raise ConfigError(f"config key 'eval.mode': set min or max for '{monitor}'")
+        if mode not in ("min", "max"):
+            raise ConfigError(f"config key 'eval.mode': '{mode}' is not min or max")
+        return monitor, mode
+
+    def _resume(self) -> None:
+        path = checkpoint.resolve(self.run.checkpoints / "last")
+        checkpoint.check_compatible(path, checkpoint.read_config(path), self.cfg)
+        self.state.update(checkpoint.load_training_state(self.accelerator, self.objective, path))
+        self.history = self.run.read_metrics(self.state["epoch"])
+        self.log.info(
+            f"resumed {self.run.path} after epoch {self.state['epoch']} (step {self.state['step']})"
+        )
+
+    def _apply_phases(self, epoch: int) -> None:
+        exp, epochs = self.exp, self.settings["epochs"]
+        routing = phase_index(exp.routing_schedule, epoch, epochs)
+        freeze = phase_index(exp.freeze_schedule, epoch, epochs)
+        first = self._phases is None
+        previous = self._phases or (None, None)
+        if routing is not None and (first or routing != previous[0]):
+            key = f"routing_schedule[{routing}]"
+            layers = apply_routing(exp.model, exp.routing_schedule[routing], key)
+            self.log.info(f"epoch {epoch + 1}: {key} -> {layers} MoE layers")
+        if first or freeze != previous[1]:
+            phase = None if freeze is None else exp.freeze_schedule[freeze]
+            patterns = [
+                *self.settings["freeze"],
+                *frozen_patterns(phase, f"freeze_schedule[{freeze}]"),
+            ]
+            frozen = set_frozen(self._trainable, patterns, "train.freeze / freeze_schedule")
+            if patterns:
+                self.log.info(f"epoch {epoch + 1}: {frozen} parameter tensors frozen")
+        self._phases = (routing, freeze)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the summary (also in ``summary.json``)."""
+        acc, epochs = self.accelerator, self.settings["epochs"]
+        status = "completed"
+        self.log.info(
+            f"training {self.cfg.get('name', 'run')} in {self.run.path} on {acc.num_processes} "
+            f"process(es), device {acc.device}, {self.exp.steps_per_epoch} steps/epoch"
+        )
+        try:
+            for epoch in range(self.state["epoch"], epochs):
+                self._run_epoch(epoch)
+                if self.debug["stop_after_epoch"] == epoch + 1 and epoch + 1 < epochs:
+                    status = "interrupted"
+                    self.log.info(f"stopping after epoch {epoch + 1} (debug.stop_after_epoch)")
+                    break
+        except TrainingError as exc:
+            status = "failed"
+            self.log.error(str(exc))
+            raise
+        finally:
+            summary = self._finish(status)
+        return summary
+
+    def _run_epoch(self, epoch: int) -> None:
+        acc, epochs = self.accelerator, self.settings["epochs"]
+        self._apply_phases(epoch)
+        start = time.perf_counter()
+        train_values = self._train_epoch(epoch)
+        rows = [{"epoch": epoch + 1, "split": "train", **train_values}]
+        if "val" in self.loaders:
+            rows.append({"epoch": epoch + 1, "split": "val", **self.evaluate_loader("val")})
+        rows[0]["time"] = time.perf_counter() - start
+        self.history.extend(rows)
+        self._check_parameters(epoch)
+        self.state["epoch"] = epoch + 1
+        improved = self._update_best(rows)
+        if acc.is_main_process:
+            self.run.write_metrics(self.history)
+        last = self.run.checkpoints / "last"
+        checkpoint.save(acc, self.objective, last, self.state, self.cfg)
+        if improved and self.settings["save_best"]:
+            checkpoint.copy(acc, last, self.run.checkpoints / "best")
+        if acc.is_main_process:
+            self.run.write_summary(self._summary("running"))
+        if self.settings["log_with"]:
+            acc.log(
+                {
+                    f"{r['split']}/{k}": v
+                    for r in rows
+                    for k, v in r.items()
+                    if k not in ("epoch", "split")
+                },
+                step=epoch + 1,
+            )
+        self.log.info(self._epoch_line(epoch, epochs, rows, improved))
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        acc = self.accelerator
+        loader = self.loaders["train"]
+        set_epoch(loader, epoch, self.seed, acc.process_index)
+        self.objective.train()
+        tracker = MetricTracker(self.exp.tasks)
+        bare = acc.unwrap_model(self.objective)
+        sums = torch.zeros(1 + len(bare.aux_terms), device=acc.device)
+        batches = 0
+        clip = self.settings["clip_grad"]
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
+            leave=False,
+            disable=not sys.stderr.isatty() or not acc.is_main_process,
+        )
+        for index, batch in enumerate(bar):
+            step = self.state["step"] + 1
+            nan_task = self._nan_task(step)
+            with acc.accumulate(self.objective):
+                out = self.objective(batch, nan_task=nan_task)
+                self._check_finite(out, step, epoch, index)
+                acc.backward(out.loss)
+                if acc.sync_gradients and clip:
+                    acc.clip_grad_norm_(self.objective.parameters(), float(clip))
+                self.optimizer.step()
+                if acc.sync_gradients:
+                    if not self.optimizer.step_was_skipped:
+                        self.scheduler.step()
+                    self.state["step"] = step
+                    if step % int(self.settings["log_every"]) == 0:
+                        self.log.debug(f"step {step} loss {out.loss.item():.6g}")
+                self.optimizer.zero_grad()
+            tracker.accumulate(tracker.rows(out.preds, batch, out.sample_losses))
+            sums += torch.stack(
+                [out.loss.detach().float(), *(v.detach().float() for v in out.aux_losses.values())]
+            )
+            batches += 1
+            bar.set_postfix(loss=f"{out.loss.item():.4f}")
+        tracker.reduce(lambda t: acc.reduce(t, "sum"), acc.device)
+        means = (acc.reduce(sums, "sum") / (batches * acc.num_processes)).tolist()
+        values = tracker.compute()
+        values["objective"] = means[0]
+        values.update({f"aux/{a.name}": m for a, m in zip(bare.aux_terms, means[1:])})
+        values.update({f"{t}/weight": w for t, w in bare.weighting.weights().items()})
+        for group in self.optimizer.param_groups:
+            values[f"lr/{group.get('name', 'default')}"] = group["lr"]
+        return values
+
+    def _nan_task(self, step: int) -> str | None:
+        if self.debug["inject_nan_at_step"] != step:
+            return None
+        return self.debug["nan_task"] or next(iter(self.exp.tasks))
+
+    def _check_finite(self, out: Any, step: int, epoch: int, index: int) -> None:
+        """Stop (on every process at once) when a loss is NaN or infinite."""
+        names = [f"task '{t}'" for t in out.task_losses] + [f"aux:{a}" for a in out.aux_losses]
+        values = torch.stack(
+            [
+                v.detach().float().reshape(())
+                for v in (*out.task_losses.values(), *out.aux_losses.values(), out.loss)
+            ]
+        )
+        bad = self.accelerator.reduce((~torch.isfinite(values)).float(), "sum")
+        if not bool(bad.any()):
+            return
+        first = int(bad.nonzero()[0])
+        what = names[first] if first < len(names) else "total"
+        value = (
+            float(values[first])
+            if not math.isfinite(float(values[first]))
+            else "non-finite on another process"
+        )
+        raise TrainingError(
+            f"non-finite loss at step {step} (epoch {epoch + 1}, batch {index + 1}): {what} loss "
+            f"is {value}; stopped, checkpoints/last holds epoch {self.state['epoch']}"
+        )
+
+    def _check_parameters(self, epoch: int) -> None:
+        bare = self.accelerator.unwrap_model(self.objective)
+        for name, param in bare.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise TrainingError(
+                    f"parameter '{name}' became non-finite in epoch {epoch + 1} (last step "
+                    f"{self.state['step']}); stopped, checkpoints/last holds epoch "
+                    f"{self.state['epoch']}"
+                )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_loader(self, split: str) -> dict[str, float]:
+        """Losses and metrics of the current model on a prepared loader."""
+        acc = self.accelerator
+        bare = acc.unwrap_model(self.objective)
+        bar = lambda it: tqdm(  # noqa: E731
+            it,
+            desc=f"eval {split}",
+            leave=False,
+            disable=not sys.stderr.isatty() or not acc.is_main_process,
+        )
+        return evaluate(
+            acc, bare.model, bare, self.loaders[split], self.exp.tasks, self.exp.mtl_delta, bar
+        )
+
+    def _update_best(self, rows: list[dict[str, Any]]) -> bool:
+        split, _, column = self.monitor.partition("/")
+        value = next(r for r in rows if r["split"] == split).get(column, math.nan)
+        if value is None or math.isnan(value):
+            return False
+        best = self.state["best_value"]
+        better = best is None or (value < best if self.mode == "min" else value > best)
+        if better:
+            self.state["best_value"], self.state["best_epoch"] = float(value), rows[0]["epoch"]
+        return better
+
+    # ------------------------------------------------------------------ reporting
+    def _epoch_line(
+        self, epoch: int, epochs: int, rows: list[dict[str, Any]], improved: bool
+    ) -> str:
+        parts = [f"epoch {epoch + 1}/{epochs}"]
+        for row in rows:
+            parts.append(f"{row['split']}/loss {row.get('loss', math.nan):.4f}")
+        split, _, column = self.monitor.partition("/")
+        if column != "loss":
+            value = next(r for r in rows if r["split"] == split).get(column, math.nan)
+            parts.append(f"{self.monitor} {value:.4f}")
+        parts.append(f"{rows[0]['time']:.1f}s")
+        return "  ".join(parts) + ("  (best)" if improved else "")
+
+    def _row_values(self, epoch: int | None) -> dict[str, float]:
+        return {
+            f"{row['split']}/{k}": v
+            for row in self.history
+            if row["epoch"] == epoch
+            for k, v in row.items()
+            if k not in ("epoch", "split")
+        }
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        last = self.state["epoch"]
+        return {
+            "name": self.cfg.get("name", "run"),
+            "run_dir": str(self.run.path),
+            "status": status,
+            "epochs_completed": last,
+            "epochs": self.settings["epochs"],
+            "steps": self.state["step"],
+            "processes": self.accelerator.num_processes,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": {
+                "epoch": self.state["best_epoch"],
+                "value": self.state["best_value"],
+                "metrics": self._row_values(self.state["best_epoch"]),
+            },
+            "final": self._row_values(last),
+        }
+
+    def _finish(self, status: str) -> dict[str, Any]:
+        acc = self.accelerator
+        summary = self._summary(status)
+        if acc.is_main_process:
+            self.run.write_summary(summary)
+            if self.settings["curves"] and self.run.metrics_csv.exists():
+                plot_curves(self.run.metrics_csv, self.run.figures)
+            self.log.log(
+                logging.ERROR if status == "failed" else logging.INFO, f"{status}: {self.run.path}"
+            )
+        if self.settings["log_with"]:
+            acc.end_training()
+        close_log(self.log)
+        return summary
+
+
+def _scalars(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config flattened to scalar hyper-parameters (for TensorBoard)."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_scalars(value, name + "."))
+        elif isinstance(value, int | float | str | bool):
+            flat[name] = value
+    return flat

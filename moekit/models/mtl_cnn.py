@@ -1,0 +1,132 @@
+"""The IDRiD multi-task MoE model (seed 000): a ResNet backbone with per-task MoE heads.
+
+Roy, "Mixture-of-Experts, Multi-Task Learning for Eye Disease Diagnosis", 2025 (IDRiD). One
+model grades diabetic retinopathy (``rg``) and macular-edema risk (``mer``) and segments five
+lesions from a fundus photograph:
+
+- backbone: a timm CNN, stage-1 low-level features (stride 4) and dilated stage-4 features
+  (output stride 16);
+- classification task: :class:`~moekit.moe.MoEModules` over DSConv classifier experts on the
+  stage-4 features, routed by that task's own gate;
+- segmentation: one shared ASPP on the stage-4 features, then per lesion an
+  :class:`~moekit.moe.MoEModules` over DeepLabV3+ decoder experts (DSConv), whose combined
+  logits are upsampled once to the input size.
+
+Every task's gate sees the globally pooled stage-4 backbone features, as in the seed. With
+``score: sigmoid`` every expert gets an independent score, as in the seed; the dense phase
+mixes all experts with ``scores / Σ scores`` and the top-p phase keeps the highest scores until
+their sum reaches ``p`` (``renormalize: true``). Unlike the seed, unselected experts are
+never computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moekit.errors import ConfigError
+from moekit.models.heads import scatter_rows
+from moekit.moe import MoEModules, name_moe_layers
+from moekit.nn.aspp import ASPP
+from moekit.nn.cls_head import DSConvClassifier
+from moekit.nn.deeplab_decoder import DeepLabDecoder
+from moekit.registry import BACKBONES, MODELS
+from moekit.routing.types import RoutingRecord
+from moekit.types import ModelOutput, Task
+
+DEFAULT_ROUTER = {"type": "softmax", "score": "sigmoid", "renormalize": True}
+
+
+@MODELS.register("mtl_cnn")
+class MultiTaskCNN(nn.Module):
+    """IDRiD multi-task MoE CNN: ResNet backbone, per-task MoE classification and
+    DeepLabV3+ segmentation heads (Roy 2025; Chen et al. 2018 for DeepLabV3+)."""
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Task],
+        backbone: Mapping[str, Any] | None = None,
+        num_experts: int = 3,
+        router: Mapping[str, Any] | None = None,
+        cls_expert: Mapping[str, Any] | None = None,
+        seg_expert: Mapping[str, Any] | None = None,
+        aspp: Mapping[str, Any] | None = None,
+        run_all_heads: bool = False,
+    ) -> None:
+        super().__init__()
+        self.task_names = list(tasks)
+        self.dense_tasks = {name for name, task in tasks.items() if task.is_dense}
+        self.run_all_heads = run_all_heads
+        self.backbone = BACKBONES.build({"type": "timm_features", **(backbone or {})})
+        low_channels, high_channels = self.backbone.channels[0], self.backbone.channels[-1]
+        router = dict(router or DEFAULT_ROUTER)
+        heads: dict[str, nn.Module] = {}
+        for name, task in tasks.items():
+            if task.is_dense:
+                if task.kind != "segmentation":
+                    raise ConfigError(f"tasks.{name}: mtl_cnn segments; got kind '{task.kind}'")
+                experts = [
+                    DeepLabDecoder(
+                        num_classes=task.num_classes,
+                        high_channels=(aspp or {}).get("out_channels", 256),
+                        low_channels=low_channels,
+                        **(seg_expert or {}),
+                    )
+                    for _ in range(num_experts)
+                ]
+            else:
+                experts = [
+                    DSConvClassifier(
+                        num_classes=task.num_classes,
+                        in_channels=high_channels,
+                        **{"mid_channels": high_channels // 2, **(cls_expert or {})},
+                    )
+                    for _ in range(num_experts)
+                ]
+            heads[name] = MoEModules(experts, router=router, dim=high_channels)
+        self.heads = nn.ModuleDict(heads)
+        self.aspp = ASPP(in_channels=high_channels, **(aspp or {})) if self.dense_tasks else None
+        name_moe_layers(self)
+
+    def _rows(self, name: str, task_mask: Mapping[str, Tensor] | None, batch: int, device):
+        if task_mask is None or self.run_all_heads:
+            return torch.arange(batch, device=device)
+        mask = task_mask.get(name)
+        if mask is None:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return mask.to(device).nonzero().squeeze(1)
+
+    def forward(self, inputs: Tensor, task_mask: Mapping[str, Tensor] | None = None) -> ModelOutput:
+        batch, size = inputs.shape[0], inputs.shape[-2:]
+        low, high = self.backbone(inputs)
+        rows = {name: self._rows(name, task_mask, batch, inputs.device) for name in self.task_names}
+        aspp = None
+        seg_rows = [rows[n] for n in self.dense_tasks if rows[n].numel()]
+        if seg_rows:
+            need = torch.unique(torch.cat(seg_rows))
+            aspp_out = self.aspp(high[need])
+            aspp = high.new_zeros((batch, *aspp_out.shape[1:])).index_put((need,), aspp_out)
+        preds: dict[str, Tensor] = {}
+        records: list[RoutingRecord] = []
+        for name in self.task_names:
+            idx = rows[name]
+            head = self.heads[name]
+            if name in self.dense_tasks:
+                num_classes = head.experts[0].classifier.out_channels
+                if idx.numel() == 0:
+                    preds[name] = inputs.new_zeros((batch, num_classes, *size))
+                    continue
+                logits, record = head((aspp[idx], low[idx]), gate_input=high[idx])
+                out = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            else:
+                if idx.numel() == 0:
+                    preds[name] = inputs.new_zeros((batch, head.experts[0].mlp[-1].out_features))
+                    continue
+                out, record = head(high[idx])
+            records.append(record)
+            preds[name] = scatter_rows(out, idx, batch)
+        return ModelOutput(preds, records)

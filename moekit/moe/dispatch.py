@@ -1,0 +1,332 @@
+"""Sparse dispatch: sort (token, expert, weight) triples by expert, run each expert once on its
+contiguous group, scale by the combine weight and ``index_add_`` back.
+
+:class:`DispatchPlan` holds the sorted triples of one routing. A :class:`Strategy` applies
+stacked expert weights ``[E, d_in, d_out]`` to the grouped rows; the strategies sit side by side
+in :data:`STRATEGIES` and are chosen by name:
+
+- ``grouped_mm``: one :func:`torch.nn.functional.grouped_mm` call per projection over all pairs
+  (needs 16-byte aligned rows: ``d_in`` and ``d_out`` multiples of 4 in float32, of 8 in
+  bfloat16), gathered inputs, ``index_add_`` combine; plain autograd.
+- ``loop``: custom autograd functions looping over the experts, writing each expert's block
+  into slices of preallocated buffers (no ``cat``, no stacking of per-expert weight
+  gradients); its expert MLP runs gather, both projections, scaling and ``index_add_`` block by
+  block while the block is in cache and keeps only the pre-activations for backward.
+
+:data:`DEFAULT_STRATEGY` holds the faster one per device, as measured by ``moekit bench moe``.
+Unselected experts cost nothing: compute scales with the number of (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.errors import ConfigError, did_you_mean
+from moekit.moe.activations import Activation
+
+
+@dataclass
+class DispatchPlan:
+    """The (token, expert, weight) triples of one routing, sorted by expert.
+
+    Attributes:
+        token: ``[P]`` long, the row of the layer input each pair reads.
+        expert: ``[P]`` long, the expert of each pair (non-decreasing).
+        weight: ``[P]`` the combine weight of each pair.
+        slot: ``[P]`` long, the pair's flat position ``row * K + slot`` in the routing.
+        sizes: the number of pairs of each expert (host ints, ``len == E``).
+        num_rows: the number of rows ``n`` of the routed input.
+        num_slots: ``K``, the slots per row in the routing.
+    """
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    slot: Tensor
+    sizes: list[int]
+    num_rows: int
+    num_slots: int
+
+    @classmethod
+    def from_routing(
+        cls,
+        index: Tensor,
+        weight: Tensor,
+        num_experts: int,
+        capacity_factor: float | None = None,
+    ) -> DispatchPlan:
+        """Sort the selected pairs of ``index [n, K]`` (``-1`` = empty) by expert.
+
+        Dropless by default. With ``capacity_factor`` each expert takes at most
+        ``ceil(capacity_factor * P / E)`` pairs (``P`` selected pairs), first come in token
+        order (Switch Transformer, Fedus et al. 2022); the dropped pairs contribute nothing.
+        """
+        num_rows, num_slots = index.shape
+        flat = index.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat + 1, minlength=num_experts + 1)
+        empty, *sizes = counts.tolist()
+        order = order[empty:]
+        expert = flat[order]
+        if capacity_factor is not None:
+            if capacity_factor <= 0:
+                raise ConfigError(f"capacity_factor must be > 0, got {capacity_factor}")
+            capacity = math.ceil(capacity_factor * len(order) / num_experts)
+            starts = torch.tensor([0, *sizes[:-1]], device=index.device).cumsum(0)
+            rank = torch.arange(len(order), device=index.device) - starts[expert]
+            kept = rank < capacity
+            order, expert = order[kept], expert[kept]
+            sizes = [min(size, capacity) for size in sizes]
+        return cls(
+            token=order // num_slots,
+            expert=expert,
+            weight=weight.reshape(-1)[order],
+            slot=order,
+            sizes=sizes,
+            num_rows=num_rows,
+            num_slots=num_slots,
+        )
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.token.numel())
+
+    def offsets(self) -> Tensor:
+        """``[E]`` int32 cumulative group ends, the ``offs`` of ``grouped_mm``."""
+        return torch.tensor(self.sizes, device=self.token.device).cumsum(0).to(torch.int32)
+
+    def groups(self) -> Iterator[tuple[int, slice]]:
+        """``(expert, rows)`` for every expert with at least one pair."""
+        start = 0
+        for e, size in enumerate(self.sizes):
+            if size:
+                yield e, slice(start, start + size)
+            start += size
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The input row of every pair: ``x [n, ...] -> [P, ...]``."""
+        return x.index_select(0, self.token)
+
+    def combine(self, y: Tensor) -> Tensor:
+        """``out[i] = sum over pairs p of row i: weight_p * y_p``: ``[P, ...] -> [n, ...]``."""
+        weight = self.weight.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        out = y.new_zeros(self.num_rows, *y.shape[1:])
+        return out.index_add_(0, self.token, y * weight)
+
+
+class _LoopGroupedLinear(torch.autograd.Function):
+    """``y_g = x_g W_e (+ b_e)`` over contiguous groups, looped with ``out=`` slices.
+
+    Forward and backward write each expert's block straight into one preallocated buffer,
+    so there is no ``cat`` of outputs and no stacking of per-expert weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan):
+        out = x.new_empty(x.shape[0], weight.shape[-1])
+        for e, rows in plan.groups():
+            _addmm_into(out[rows], x[rows], weight, bias, e)
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]) if need_b else None
+        for e, rows in ctx.plan.groups():
+            if need_x:
+                torch.mm(grad[rows], weight[e].t(), out=grad_x[rows])
+            if need_w:
+                torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+            if need_b:
+                torch.sum(grad[rows], dim=0, out=grad_b[e])
+        return grad_x, grad_w, grad_b, None
+
+
+class _LoopExpertMLP(torch.autograd.Function):
+    """The whole expert MLP, one expert block at a time.
+
+    For each expert ``e`` with pair rows ``R_e``: gather ``x[R_e]``, ``h = x W1_e + b1_e``,
+    ``o = act(h) W2_e + b2_e``, scale by the pair weights and ``index_add_`` into ``y``. Each
+    block's intermediates stay in cache; only ``h`` and ``act(h)`` are kept for backward (as a
+    dense MLP keeps them), and no ``[pairs, dim]`` gathered input or output is materialised:
+    backward gathers the input rows again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, scale, act, plan):
+        y = x.new_zeros(plan.num_rows, w2.shape[-1])
+        h = x.new_empty(plan.num_pairs, w1.shape[-1])
+        a = torch.empty_like(h)
+        for e, rows in plan.groups():
+            token = plan.token[rows]
+            _addmm_into(h[rows], x.index_select(0, token), w1, b1, e)
+            a[rows] = act(h[rows])
+            out = _addmm(a[rows], w2, b2, e)
+            y.index_add_(0, token, out.mul_(scale[rows, None]))
+        ctx.save_for_backward(x, w1, b1, w2, b2, scale, h, a)
+        ctx.act, ctx.plan = act, plan
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, b1, w2, b2, scale, h, a = ctx.saved_tensors
+        act, plan = ctx.act, ctx.plan
+        inputs = (x, w1, b1, w2, b2, scale)
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale = (
+            torch.zeros_like(t) if t is not None and need else None
+            for t, need in zip(inputs, ctx.needs_input_grad, strict=False)
+        )
+        grad_y = grad_y.contiguous()
+        for e, rows in plan.groups():
+            token = plan.token[rows]
+            g = grad_y.index_select(0, token)
+            grad_a = g @ w2[e].t()
+            if grad_scale is not None:
+                grad_scale[rows] = torch.linalg.vecdot(grad_a, a[rows])
+                if b2 is not None:
+                    grad_scale[rows] += g @ b2[e]
+            g.mul_(scale[rows, None])
+            if grad_w2 is not None:
+                torch.mm(a[rows].t(), g, out=grad_w2[e])
+            if grad_b2 is not None:
+                torch.sum(g, dim=0, out=grad_b2[e])
+            grad_h = act.backward(grad_a.mul_(scale[rows, None]), h[rows])
+            if grad_w1 is not None:
+                torch.mm(x.index_select(0, token).t(), grad_h, out=grad_w1[e])
+            if grad_b1 is not None:
+                torch.sum(grad_h, dim=0, out=grad_b1[e])
+            if grad_x is not None:
+                grad_x.index_add_(0, token, grad_h @ w1[e].t())
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale, None, None
+
+
+def _addmm(x: Tensor, weight: Tensor, bias: Tensor | None, e: int) -> Tensor:
+    return x @ weight[e] if bias is None else torch.addmm(bias[e], x, weight[e])
+
+
+def _addmm_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, e: int) -> None:
+    if bias is None:
+        torch.mm(x, weight[e], out=out)
+    else:
+        torch.addmm(bias[e], x, weight[e], out=out)
+
+
+class Strategy:
+    """A way to run stacked experts on rows grouped by expert (see the module docstring)."""
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
+        """``y_p = x_p W_{e(p)} + b_{e(p)}`` for pair rows ``x [P, d_in]`` sorted by expert."""
+        raise NotImplementedError
+
+    def mlp(
+        self,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        act: Activation,
+        plan: DispatchPlan,
+    ) -> Tensor:
+        """``y_i = sum_p w_p (act(x_i W1_e + b1_e) W2_e + b2_e)`` over the pairs ``p`` of row
+        ``i``: the input rows ``x [n, C]`` in, the combined output ``[n, C_out]`` out."""
+        h = act(self.linear(plan.gather(x), w1, b1, plan))
+        return plan.combine(self.linear(h, w2, b2, plan))
+
+
+class LoopStrategy(Strategy):
+    """Per-expert ``addmm`` loops in custom autograd functions (the CPU default)."""
+
+    def linear(self, x, weight, bias, plan):
+        return _LoopGroupedLinear.apply(x, weight, bias, plan)
+
+    def mlp(self, x, w1, b1, w2, b2, act, plan):
+        return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.to(x.dtype), act, plan)
+
+
+class GroupedMMStrategy(Strategy):
+    """One :func:`torch.nn.functional.grouped_mm` per projection (the CUDA default)."""
+
+    def linear(self, x, weight, bias, plan):
+        if not grouped_mm_supported(x, weight):
+            return STRATEGIES["loop"].linear(x, weight, bias, plan)
+        out = F.grouped_mm(x, weight, offs=plan.offsets())
+        return out if bias is None else out + bias.index_select(0, plan.expert)
+
+
+STRATEGIES: dict[str, Strategy] = {"grouped_mm": GroupedMMStrategy(), "loop": LoopStrategy()}
+
+DEFAULT_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "grouped_mm"}
+"""The faster strategy per device type, as measured with ``moekit bench moe``."""
+
+
+def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``grouped_mm`` takes these operands (16-byte aligned rows, supported dtype)."""
+    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False
+    align = 16 // x.element_size()
+    return weight.shape[-2] % align == 0 and weight.shape[-1] % align == 0
+
+
+def get_strategy(name: str | None, device: torch.device) -> Strategy:
+    """The strategy called ``name``, or the default one for ``device``."""
+    if name is None:
+        return STRATEGIES[DEFAULT_STRATEGY.get(device.type, "loop")]
+    if name not in STRATEGIES:
+        raise ConfigError(
+            f"unknown dispatch strategy '{name}'; valid: {', '.join(STRATEGIES)}"
+            f"{did_you_mean(name, STRATEGIES)}"
+        )
+    return STRATEGIES[name]
+
+
+def _cast_for_autocast(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast to the autocast dtype (autocast does not cover grouped matmuls or custom
+    functions); the casts are differentiable, so float32 master weights get their gradients."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    dtype = dtype or (params[0].dtype if params[0] is not None else x.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *params))
+
+
+def grouped_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: DispatchPlan,
+    strategy: str | None = None,
+) -> Tensor:
+    """``y_p = x_p W_{e(p)} + b_{e(p)}`` for the pair rows ``x [P, d_in]`` (``plan.gather``),
+    stacked ``weight [E, d_in, d_out]`` and ``bias [E, d_out]``: ``[P, d_out]``."""
+    x, weight, bias = _cast_for_autocast(x, weight, bias)
+    return get_strategy(strategy, x.device).linear(x, weight, bias, plan)
+
+
+def expert_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act: Activation,
+    plan: DispatchPlan,
+    strategy: str | None = None,
+) -> Tensor:
+    """Run the routed expert MLPs on ``x [n, C]`` and combine: ``[n, C_out]``, with
+    ``y_i = sum_{(i, e, w) in plan} w * (act(x_i W1_e + b1_e) W2_e + b2_e)``."""
+    x, w1, b1, w2, b2 = _cast_for_autocast(x, w1, b1, w2, b2)
+    return get_strategy(strategy, x.device).mlp(x, w1, b1, w2, b2, act, plan)

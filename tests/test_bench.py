@@ -1,0 +1,39 @@
+"""``moekit bench moe`` at a tiny size: it runs, prints its tables and returns the numbers."""
+
+import torch
+
+from moekit.analysis import bench_moe
+from moekit.cli import main
+from moekit.commands.bench import sections
+
+TINY = dict(batch=2, tokens=5, dim=16, experts=4, k=2, hidden=8, reps=2, warmup=1)
+
+
+def test_bench_returns_numbers_and_markdown_rows():
+    threads = torch.get_num_threads()
+    report = bench_moe.run(**TINY, p_values=(0.3, 0.7), threads=1)
+    assert torch.get_num_threads() == threads, "the thread setting is restored"
+    assert [row["key"] for row in report.train] == ["dense", "grouped_mm", "loop", "masked"]
+    assert report.train[0]["ratio"] == 1.0
+    assert all(row["ms"] > 0 for row in report.train)
+    assert [row["key"] for row in report.top_p] == ["all", "p=0.3", "p=0.7"]
+    assert report.top_p[0]["experts"] == 4
+    assert all(1 <= row["experts"] <= 4 for row in report.top_p)
+    assert [row["key"] for row in report.memory] == ["dense", "grouped_mm", "loop"]
+    assert all(row["peak_mib"] > row["grad_mib"] > 0 for row in report.memory)
+    table = report.markdown()
+    for heading in ("forward + backward", "inference routing", "forward + backward memory"):
+        assert f"| {heading} |" in table
+    assert "dispatch `loop`" in table and "top-p, p=0.7" in table
+
+
+def test_bench_command_prints_the_table(capsys):
+    assert "moe" in sections()
+    args = ["--batch", "1", "--tokens", "4", "--dim", "8", "--experts", "4", "--k", "2",
+            "--hidden", "4", "--reps", "1", "--warmup", "0", "--p", "0.5", "--threads", "1",
+            "--no-masked"]
+    assert main(["bench", "moe", *args]) == 0
+    out = capsys.readouterr().out
+    assert "| dense MLP, hidden 8 |" in out
+    assert "top-p, p=0.5" in out
+    assert "dense masked" not in out
