@@ -22,6 +22,12 @@ COMMAND_MODULES = (
     "moekit.commands.eval",
     "moekit.commands.data",
     "moekit.commands.bench",
+    "moekit.commands.usage",
+    "moekit.commands.prune",
+    "moekit.commands.flops",
+    "moekit.commands.viz",
+    "moekit.commands.results",
+    "moekit.commands.demo",
 )
 
 

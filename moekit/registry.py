@@ -156,9 +156,9 @@ class Registry:
 
 
 def summary_line(obj: Any) -> str:
-    """First line of an entry's docstring (for ``moekit list``)."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """First paragraph of an entry's docstring on one line (for ``moekit list``)."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def import_builtins() -> None:

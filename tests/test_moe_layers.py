@@ -210,6 +210,13 @@ def test_moe_modules_multiple_inputs_gate_input_and_task_ids():
     torch.testing.assert_close(y[b], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_moe_modules_with_no_valid_sample_returns_zeros():
+    layer = MoEModules([Head() for _ in range(3)], {"type": "topk", "k": 2}, dim=4)
+    y, record = layer(torch.randn(3, 4, 5, 5), valid=torch.zeros(3, dtype=torch.bool))
+    assert y.shape == (3, 1, 5, 5) and (y == 0).all()
+    assert (record.routing.index == -1).all()
+
+
 def test_moe_modules_builds_experts_from_config_and_needs_dim():
     from moekit.registry import EXPERTS
 
@@ -306,3 +313,16 @@ def test_bf16_autocast_runs_and_trains(strategy):
     (y.float().sum() + z.float().sum()).backward()
     assert layer.fc1.weight.grad.dtype == torch.float32
     assert layer.router.gate.weight.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_torch_compile_runs_with_graph_breaks_at_the_plan(strategy):
+    torch.manual_seed(10)
+    layer = MoEMLP(16, 8, 4, {"type": "topk", "k": 2}, strategy=strategy)
+    compiled = torch.compile(layer)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y, _ = compiled(x)
+    torch.testing.assert_close(y, layer(x)[0])
+    y.sum().backward()
+    assert layer.fc1.weight.grad is not None

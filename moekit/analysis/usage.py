@@ -13,13 +13,20 @@ Mod-Squad's per-task extraction thresholds with θ (Chen et al., CVPR 2023, §3.
 ``rate[t, e] = count[t, e] / tokens[t]``, the probability that a token of task ``t`` uses ``e``
 (the frequency map of the paper's Fig. 5). Everything is a pure function of the
 :class:`~moekit.routing.types.RoutingRecord` s a model returns.
+
+From forwards in which every input ran every task (``task_mask=None``) it also accumulates
+Mod-Squad's task relation (Fig. 6, §4.3): for a token ``j`` seen by tasks ``a`` and ``b`` with
+selected sets ``S_a``, ``S_b``, ``|S_a ∩ S_b| / ((|S_a| + |S_b|) / 2)``, averaged over tokens
+and then over the task-routed layers (see :func:`pair_overlap`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -38,6 +45,34 @@ def _record_tasks(record: RoutingRecord) -> Tensor:
     return record.task_ids.reshape(-1).long()
 
 
+def pair_overlap(record: RoutingRecord, num_tasks: int) -> tuple[Tensor, Tensor] | None:
+    """Summed per-token expert overlap of every pair of tasks in one record.
+
+    The record must come from a forward in which every input ran every task, laid out
+    task-major (the rows of task ``t`` are the ``t``-th of ``T`` equal blocks, as models produce
+    with ``task_mask=None``). For token ``j`` and tasks ``a``, ``b`` with selected sets ``S_a``,
+    ``S_b`` (both non-empty) the overlap is ``|S_a ∩ S_b| / ((|S_a| + |S_b|) / 2)``. Returns
+    ``(overlap [T, T], pairs [T, T])``, the sum over tokens and the number of token pairs, or
+    ``None`` when the record does not have that layout.
+    """
+    if record.task_ids is None or num_tasks < 2:
+        return None
+    task_ids = record.task_ids.reshape(-1)
+    n = task_ids.numel()
+    if n % num_tasks:
+        return None
+    expected = torch.arange(num_tasks, device=task_ids.device).repeat_interleave(n // num_tasks)
+    if not torch.equal(task_ids.long(), expected):
+        return None
+    mask = record.routing.selected_mask().double().reshape(num_tasks, n // num_tasks, -1)
+    sizes = mask.sum(dim=2)
+    inter = torch.einsum("aje,bje->abj", mask, mask)
+    mean_size = (sizes.unsqueeze(1) + sizes.unsqueeze(0)) / 2
+    both = (sizes.unsqueeze(1) > 0) & (sizes.unsqueeze(0) > 0)
+    overlap = torch.where(both, inter / mean_size.clamp(min=1), 0.0)
+    return overlap.sum(dim=2).cpu(), both.sum(dim=2).double().cpu()
+
+
 @dataclass
 class LayerUsage:
     """Summed usage statistics of one MoE layer (float64, on the CPU)."""
@@ -46,6 +81,10 @@ class LayerUsage:
     weight: Tensor  # [T, E]
     tokens: Tensor  # [T]
     num_selected: Tensor  # [E + 1] histogram of experts selected per token
+    overlap: Tensor  # [T, T] summed per-token overlap of two tasks' experts (pair_overlap)
+    pairs: Tensor  # [T, T] number of token pairs in ``overlap``
+
+    STATS = ("count", "weight", "tokens", "num_selected", "overlap", "pairs")
 
     @classmethod
     def zeros(cls, num_tasks: int, num_experts: int) -> LayerUsage:
@@ -55,6 +94,8 @@ class LayerUsage:
             z(num_tasks, num_experts, dtype=torch.float64),
             z(num_tasks, dtype=torch.float64),
             z(num_experts + 1, dtype=torch.float64),
+            z(num_tasks, num_tasks, dtype=torch.float64),
+            z(num_tasks, num_tasks, dtype=torch.float64),
         )
 
     @property
@@ -72,6 +113,13 @@ class LayerUsage:
         k = torch.arange(self.num_selected.numel(), dtype=torch.float64)
         return float((k * self.num_selected).sum() / self.num_selected.sum().clamp(min=1))
 
+    def relation(self) -> Tensor | None:
+        """``[T, T]`` mean overlap of two tasks' experts on the same token, or ``None`` if no
+        all-task forward reached the layer."""
+        if not bool((self.pairs > 0).any()):
+            return None
+        return self.overlap / self.pairs.clamp(min=1)
+
 
 @dataclass
 class ExpertUsage:
@@ -79,9 +127,11 @@ class ExpertUsage:
 
     tasks: list[str]
     layers: dict[str, LayerUsage] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
 
     def update(self, records: Iterable[RoutingRecord]) -> None:
-        """Add the routing of one forward pass."""
+        """Add the routing of one forward pass (and its task overlaps, see
+        :func:`pair_overlap`, when every input ran every task)."""
         for record in records:
             routing = record.routing
             valid = record.valid.reshape(-1) if record.valid is not None else None
@@ -102,6 +152,20 @@ class ExpertUsage:
             layer.num_selected += torch.bincount(
                 per_token, minlength=routing.num_experts + 1
             ).double()
+            paired = pair_overlap(record, num_tasks)
+            if paired is not None:
+                layer.overlap += paired[0]
+                layer.pairs += paired[1]
+
+    def task_relation(self) -> Tensor:
+        """Mod-Squad's task relation (Fig. 6): ``[T, T]``, the mean over task-routed layers of
+        the mean share of experts two tasks use on the same token (ones on the diagonal)."""
+        relations = [r for layer in self.layers.values() if (r := layer.relation()) is not None]
+        if not relations:
+            raise DataError(
+                "task relation: no layer routed tokens of several tasks on the same inputs"
+            )
+        return torch.stack(relations).mean(dim=0)
 
     def task_names_of(self, layer: str) -> list[str]:
         """Task names of a layer's rows (``["all"]`` for a layer that knows no tasks)."""
@@ -141,17 +205,17 @@ class ExpertUsage:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``usage.safetensors`` (tensors + task names) and the tidy ``usage.csv``."""
+        """Write ``usage.safetensors`` (tensors; task names and :attr:`info` as metadata), the
+        tidy ``usage.csv`` and ``selected.csv`` (experts selected per token, per layer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"{name}::{key}": getattr(layer, key).contiguous()
             for name, layer in self.layers.items()
-            for key in ("count", "weight", "tokens", "num_selected")
+            for key in LayerUsage.STATS
         }
-        save_file(
-            tensors, directory / "usage.safetensors", metadata={"tasks": ",".join(self.tasks)}
-        )
+        metadata = {"tasks": json.dumps(self.tasks), "info": json.dumps(self.info)}
+        save_file(tensors, directory / "usage.safetensors", metadata=metadata)
         atomic_write_text(directory / "usage.csv", self.to_frame().to_csv(index=False))
         atomic_write_text(directory / "selected.csv", self.selected_frame().to_csv(index=False))
         return directory / "usage.safetensors"
@@ -167,9 +231,10 @@ class ExpertUsage:
         if not path.is_file():
             raise DataError(f"{path}: no expert usage file (run `moekit usage` first)")
         with safe_open(str(path), "pt") as fh:
-            tasks = (fh.metadata() or {}).get("tasks", "").split(",")
+            metadata = fh.metadata() or {}
         tensors = load_file(str(path))
-        usage = cls(tasks)
+        tasks = json.loads(metadata.get("tasks", "[]"))
+        usage = cls(tasks, info=json.loads(metadata.get("info", "{}")))
         for key, value in tensors.items():
             name, _, stat = key.rpartition("::")
             layer = usage.layers.setdefault(name, LayerUsage.zeros(1, 1))
@@ -178,26 +243,34 @@ class ExpertUsage:
 
 
 def task_relation(records: Sequence[RoutingRecord], num_tasks: int) -> Tensor:
-    """Mod-Squad's task relation (Fig. 6): mean share of experts two tasks use on one input.
+    """Mod-Squad's task relation (Fig. 6) of one forward in which every input ran every task
+    (``task_mask=None``): ``[T, T]``, ones on the diagonal (see :func:`pair_overlap`)."""
+    tasks = [str(t) for t in range(num_tasks)]
+    usage = ExpertUsage(tasks)
+    usage.update(r for r in records if r.task_ids is not None)
+    return usage.task_relation()
 
-    Needs the records of a forward in which every input ran every task, laid out task-major
-    (rows of task ``t`` are the ``t``-th equal block), as models produce with
-    ``task_mask=None``. For tokens ``j`` seen by tasks ``a`` and ``b`` with selected sets
-    ``S_a``, ``S_b``: ``rel[a, b] = mean_j |S_a ∩ S_b| / ((|S_a| + |S_b|) / 2)``, averaged over
-    the task-routed layers. Returns ``[T, T]`` (ones on the diagonal).
+
+def collect_usage(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    tasks: Sequence[str],
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+    info: Mapping[str, str] | None = None,
+) -> ExpertUsage:
+    """Run ``model`` (in eval mode, no gradients) over ``batches`` and count expert usage.
+
+    Every sample runs every task (``task_mask=None``), as at inference, so the task relation is
+    accumulated too. ``progress`` wraps the batches (e.g. ``tqdm``); ``info`` is saved with
+    the counts (split, checkpoint...).
     """
-    relations = []
-    for record in records:
-        if record.task_ids is None:
-            continue
-        mask = record.routing.selected_mask().float()
-        if mask.shape[0] % num_tasks:
-            continue
-        per_task = mask.reshape(num_tasks, -1, mask.shape[1])
-        sizes = per_task.sum(dim=2)
-        inter = torch.einsum("aje,bje->abj", per_task, per_task)
-        mean_size = (sizes.unsqueeze(1) + sizes.unsqueeze(0)) / 2
-        relations.append((inter / mean_size.clamp(min=1)).mean(dim=2))
-    if not relations:
-        raise DataError("task relation: no layer routes tokens of several tasks")
-    return torch.stack(relations).mean(dim=0)
+    usage = ExpertUsage(list(tasks), info=dict(info or {}))
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(progress(batches)):
+            if max_batches is not None and i >= max_batches:
+                break
+            usage.update(model(batch.to(device).inputs).routing)
+    return usage

@@ -1,4 +1,4 @@
-"""``moekit train CONFIG [--set k=v ...] [--run-dir DIR] [--resume RUN_DIR]``."""
+"""``moekit train CONFIG [--set k=v ...] [--run-dir DIR] [--resume RUN_DIR | --init RUN_DIR]``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
+    parser.add_argument(
+        "--init",
+        metavar="RUN_DIR",
+        help="start from the weights of another run (sets finetune.init; the config's "
+        "finetune.mode, e.g. routers, decides what is trained; docs/modsquad.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -29,15 +35,19 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moekit import config
-    from moekit.engine import Trainer
+    from moekit.engine import Trainer, finetune
     from moekit.errors import ConfigError
 
     if args.config is None and args.resume is None:
         raise ConfigError("moekit train: give a CONFIG file, or --resume RUN_DIR")
     if args.resume is not None and args.run_dir is not None:
         raise ConfigError("moekit train: --resume continues in RUN_DIR; drop --run-dir")
+    if args.init is not None and (args.resume is not None or args.config is None):
+        raise ConfigError("moekit train: --init starts a new run from CONFIG; drop --resume")
     source = args.config if args.config is not None else Path(args.resume) / "config.yaml"
     cfg = config.load(source, args.overrides)
+    if args.init is not None:
+        cfg = finetune.with_init(cfg, args.init)
     trainer = Trainer(cfg, run_dir=args.run_dir, resume=args.resume)
     summary = trainer.fit()
     best = summary["best"]

@@ -1,11 +1,15 @@
-"""``evaluate_run``: the metrics of a saved run's checkpoint on one split (``moekit eval``)."""
+"""``evaluate_run``: the metrics of a saved run's checkpoint on one split (``moekit eval``),
+and the baselines of the multi-task delta (``moekit eval --baselines``)."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from moekit import config as config_io
 from moekit.engine import checkpoint
 from moekit.engine.data import build_loader
 from moekit.engine.evaluation import evaluate
@@ -13,12 +17,21 @@ from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
 from moekit.engine.settings import train_settings
+from moekit.errors import ConfigError
 from moekit.fileio import atomic_write_text
+from moekit.registry import METRICS
+from moekit.types import Task
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") -> dict[str, float]:
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    which: str = "best",
+    mtl_delta: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
     """Evaluate ``checkpoints/<which>`` of ``run_dir`` on ``split``.
 
+    ``mtl_delta`` (``{baselines, variant}``) replaces the run's ``eval.mtl_delta``.
     Writes ``<run_dir>/eval/<split>-<which>.json`` and returns ``{"<split>/<column>": value}``.
     Runs on any number of processes (metrics are gathered across them).
     """
@@ -33,7 +46,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
     loader = build_loader(exp.datasets[split], exp.data, train=False, seed=int(cfg.get("seed", 0)))
     objective, loader = accelerator.prepare(exp.objective, loader)
     bare: Any = accelerator.unwrap_model(objective)
-    values = evaluate(accelerator, bare.model, bare, loader, exp.tasks, exp.mtl_delta)
+    delta = (
+        exp.mtl_delta if mtl_delta is None else METRICS.build({"type": "mtl_delta", **mtl_delta})
+    )
+    values = evaluate(accelerator, bare.model, bare, loader, exp.tasks, delta)
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:
         out = run_dir / "eval" / f"{split}-{which}.json"
@@ -42,3 +58,48 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
             json.dumps({"checkpoint": str(path), "metrics": json_safe(result)}, indent=2) + "\n",
         )
     return result
+
+
+def primary_metrics(tasks: Mapping[str, Task]) -> list[str]:
+    """``task/metric`` of each task's first metric: its primary metric, which the multi-task
+    delta compares (Mod-Squad reports one metric per task)."""
+    return [f"{name}/{task.metrics[0].name}" for name, task in tasks.items() if task.metrics]
+
+
+def read_baselines(
+    sources: Iterable[str | Path], keys: Iterable[str], split: str = "test", which: str = "best"
+) -> dict[str, float]:
+    """Baseline values of ``keys`` (``task/metric``) for the multi-task delta.
+
+    Each source is a run directory (e.g. one single-task run per task, evaluated now on
+    ``split``), an ``eval/<split>-<checkpoint>.json`` written by ``moekit eval``, or a YAML/JSON
+    mapping ``{task/metric: value}``. A key found in two sources is an error.
+    """
+    keys = list(keys)
+    values: dict[str, float] = {}
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = _strip_split(evaluate_run(path, split, which), split, path)
+        else:
+            data = config_io.read_yaml(path)
+            metrics = data.get("metrics")
+            found = _strip_split(metrics, split, path) if isinstance(metrics, Mapping) else data
+        for key in keys:
+            value = found.get(key)
+            if value is None or math.isnan(float(value)):
+                continue
+            if key in values:
+                raise ConfigError(f"baselines: '{key}' is given by two sources (second: {path})")
+            values[key] = float(value)
+    if not values:
+        raise ConfigError(f"baselines: no source holds any of {', '.join(keys)}")
+    return values
+
+
+def _strip_split(values: Mapping[str, Any], split: str, source: Path) -> dict[str, Any]:
+    prefix = f"{split}/"
+    found = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+    if not found:
+        raise ConfigError(f"{source}: holds no '{split}' values")
+    return found

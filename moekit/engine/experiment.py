@@ -3,7 +3,7 @@
 The trainer owns no model-specific code: tasks come from ``tasks:``, datasets from ``DATASETS``,
 the model from ``MODELS``, losses from ``TASK_LOSSES``, the weighting from ``WEIGHTINGS``,
 routing losses from ``AUX_LOSSES``; the optimizer, LR schedule and phase schedules from their
-config sections (docs/training.md).
+config sections, and what ``finetune`` freezes (docs/training.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset
 
+from moekit.engine import finetune
 from moekit.engine.objective import AuxTerm, MultiTaskObjective
 from moekit.engine.optim import build_optimizer, build_scheduler, named_parameters
 from moekit.engine.schedule import Phase, parse_phases
@@ -155,6 +156,7 @@ def build_experiment(
         )
         optimizer = build_optimizer(named_parameters(model, weighting), cfg)
         scheduler = build_scheduler(optimizer, cfg, per_epoch, train["epochs"])
+    finetune.freeze(model, list(tasks), cfg, optimizer)
     delta = evaluation["mtl_delta"]
     return Experiment(
         cfg=cfg,

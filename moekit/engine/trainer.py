@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moekit.engine import checkpoint
+from moekit.engine import checkpoint, finetune
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
 from moekit.engine.evaluation import MetricTracker, evaluate, metric_directions
@@ -42,6 +42,9 @@ class Trainer:
         resume: a run directory to continue from its ``checkpoints/last``; the run continues
             in that directory.
 
+    A fresh run with a ``finetune`` section starts from ``finetune.init``'s weights
+    (:mod:`moekit.engine.finetune`).
+
     Example::
 
         trainer = Trainer(config.load("configs/tiny/two_task.yaml"))
@@ -54,7 +57,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         resume: str | Path | None = None,
     ) -> None:
-        self.cfg = dict(cfg)
+        self.cfg = finetune.resolve(cfg) if resume is None else dict(cfg)
         self.settings = train_settings(self.cfg)
         if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
             self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
@@ -83,6 +86,10 @@ class Trainer:
         self.exp = exp = build_experiment(self.cfg, acc.num_processes)
         if "train" not in exp.datasets:
             raise ConfigError("config key 'data.train': training needs a train dataset")
+        if resume is None:
+            started = finetune.initialise(exp.model, self.cfg)
+            if started:
+                self.log.info(started)
         self.seed = int(self.cfg.get("seed", 0))
         self._trainable = [
             (n, p)

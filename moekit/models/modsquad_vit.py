@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.models.heads import default_head_type, scatter_rows
-from moekit.moe import MoEAttention, MoEMLP, name_moe_layers
+from moekit.models.single_task import task_position
+from moekit.moe import MoEAttention, MoEMLP, keep_task_routers, name_moe_layers
 from moekit.moe.base import MoELayer
 from moekit.registry import HEADS, MODELS
 from moekit.routing.types import RoutingRecord
@@ -96,7 +97,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @staticmethod
-    def _apply(layer: nn.Module, x: Tensor, task_ids: Tensor, records: list[RoutingRecord]):
+    def _run_layer(layer: nn.Module, x: Tensor, task_ids: Tensor, records: list[RoutingRecord]):
         if isinstance(layer, MoELayer):
             y, record = layer(x, task_ids)
             records.append(record)
@@ -104,8 +105,8 @@ class Block(nn.Module):
         return layer(x)
 
     def forward(self, x: Tensor, task_ids: Tensor, records: list[RoutingRecord]) -> Tensor:
-        x = x + self.drop_path1(self._apply(self.attn, self.norm1(x), task_ids, records))
-        return x + self.drop_path2(self._apply(self.mlp, self.norm2(x), task_ids, records))
+        x = x + self.drop_path1(self._run_layer(self.attn, self.norm1(x), task_ids, records))
+        return x + self.drop_path2(self._run_layer(self.mlp, self.norm2(x), task_ids, records))
 
 
 @MODELS.register("modsquad_vit")
@@ -195,6 +196,19 @@ class ModSquadViT(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.task_embed is not None:
             trunc_normal_(self.task_embed, std=0.02)
+
+    def single_task(self, task: str) -> None:
+        """Keep only ``task``: its gate in every MoE layer, its task embedding and its head.
+
+        Per-task extraction (Chen et al., CVPR 2023, §3.5); the model then serves ``task`` alone
+        (task id 0) and computes exactly what it computed for ``task`` before.
+        """
+        t = task_position(self.task_names, task)
+        keep_task_routers(self, t)
+        if self.task_embed is not None:
+            self.task_embed = nn.Parameter(self.task_embed.detach()[t : t + 1].clone())
+        self.heads = nn.ModuleDict({task: self.heads[task]})
+        self.task_names = [task]
 
     def task_rows(self, task_mask: Mapping[str, Tensor] | None, batch: int, device) -> tuple:
         """Expand images into (image, task) rows: every image runs every task it is labelled

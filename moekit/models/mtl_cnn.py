@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from moekit.errors import ConfigError
 from moekit.models.heads import scatter_rows
+from moekit.models.single_task import task_position
 from moekit.moe import MoEModules, name_moe_layers
 from moekit.nn.aspp import ASPP
 from moekit.nn.cls_head import DSConvClassifier
@@ -91,6 +92,16 @@ class MultiTaskCNN(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.aspp = ASPP(in_channels=high_channels, **(aspp or {})) if self.dense_tasks else None
         name_moe_layers(self)
+
+    def single_task(self, task: str) -> None:
+        """Keep only ``task``'s MoE head (and the ASPP if ``task`` segments): every head has
+        its own gate, so nothing else changes (per-task extraction)."""
+        task_position(self.task_names, task)
+        self.heads = nn.ModuleDict({task: self.heads[task]})
+        self.task_names = [task]
+        self.dense_tasks &= {task}
+        if not self.dense_tasks:
+            self.aspp = None
 
     def _rows(self, name: str, task_mask: Mapping[str, Tensor] | None, batch: int, device):
         if task_mask is None or self.run_all_heads:

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.models.heads import scatter_rows
+from moekit.models.single_task import task_position
+from moekit.moe import keep_task_routers
 from moekit.registry import MODELS
 from moekit.types import ModelOutput, Task
 
@@ -78,6 +80,13 @@ class TinyMTL(nn.Module):
             name: (task.num_classes, None) if task.is_dense else (task.num_classes,)
             for name, task in tasks.items()
         }
+
+    def single_task(self, task: str) -> None:
+        """Keep only ``task``: its head and its gate in the MoE block (per-task extraction)."""
+        t = task_position(list(self.heads), task)
+        keep_task_routers(self, t)
+        self.heads = nn.ModuleDict({task: self.heads[task]})
+        self.out_shapes = {task: self.out_shapes[task]}
 
     def forward(self, inputs: Tensor, task_mask: Mapping[str, Tensor] | None = None) -> ModelOutput:
         batch = inputs.shape[0]

@@ -5,7 +5,7 @@ from moekit.moe.attention import MoEAttention
 from moekit.moe.base import MoELayer
 from moekit.moe.mlp import MoEMLP
 from moekit.moe.modules import MoEModules
-from moekit.moe.naming import moe_layers, name_moe_layers, set_routing
+from moekit.moe.naming import keep_task_routers, moe_layers, name_moe_layers, set_routing
 
 import_submodules(__name__)
 
@@ -14,6 +14,7 @@ __all__ = [
     "MoELayer",
     "MoEMLP",
     "MoEModules",
+    "keep_task_routers",
     "moe_layers",
     "name_moe_layers",
     "set_routing",

@@ -60,6 +60,8 @@ class MoEAttention(MoELayer):
         strategy: dispatch strategy name; None picks the device's.
     """
 
+    expert_modules = ("q_proj", "out_proj")
+
     def __init__(
         self,
         dim: int,

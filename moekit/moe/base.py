@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
@@ -43,11 +44,20 @@ def rows_per_token(ids: Tensor | None, batch: int, tokens: int, what: str) -> Te
 
 
 class MoELayer(nn.Module):
-    """What every MoE layer shares: ``router``, ``name``, :meth:`set_router`, :meth:`route`.
+    """What every MoE layer shares: ``router``, ``name``, :meth:`set_router`, :meth:`route`,
+    and the per-task extraction surgery :meth:`keep_task` / :meth:`keep_experts`.
 
     ``name`` is the layer's name in its records: the class name until
-    :func:`moekit.moe.name_moe_layers` sets it to the module path.
+    :func:`moekit.moe.name_moe_layers` sets it to the module path. Subclasses list the
+    submodules that hold their experts' parameters in :attr:`expert_modules` (an
+    :class:`~moekit.moe.experts.ExpertLinear` stacking ``E`` experts, or a ``ModuleList``).
+
+    ``num_experts`` counts the experts the layer holds; the router scores
+    ``router.num_experts`` of them, more after :meth:`keep_experts` removed some.
     """
+
+    expert_modules: tuple[str, ...] = ()
+    expert_map: Tensor | None
 
     def __init__(self, dim: int, num_experts: int, router: Mapping[str, Any], num_tasks: int):
         super().__init__()
@@ -55,6 +65,57 @@ class MoELayer(nn.Module):
         self.router = build_router(router, dim, num_experts, num_tasks)
         self.router_config = dict(router)
         self.name = type(self).__name__
+        self.register_buffer("expert_map", None, persistent=False)
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """The router's ids of the experts the layer holds (all of them until pruned)."""
+        if self.expert_map is None:
+            return list(range(self.num_experts))
+        return (self.expert_map >= 0).nonzero().flatten().tolist()
+
+    def expert_parameters(self) -> Iterable[nn.Parameter]:
+        """The parameters of the layer's experts (not the router's, not shared ones)."""
+        for name in self.expert_modules:
+            yield from getattr(self, name).parameters()
+
+    def keep_task(self, task: int) -> None:
+        """Keep only task ``task``'s gate: the layer serves that task alone (``num_tasks = 1``)."""
+        self.router.keep_task(task)
+        self.num_tasks = 1
+
+    def keep_experts(self, experts: Iterable[int]) -> None:
+        """Remove every expert but ``experts`` (router ids), with physically smaller tensors.
+
+        Per-task extraction (Mod-Squad, Chen et al., CVPR 2023, §3.5). The router is kept
+        whole, so the scores are still computed over all ``router.num_experts`` experts and
+        the selection rule is unchanged; a selection of a removed expert is dropped (index
+        ``-1``, weight 0), so it contributes nothing. Tokens that selected only kept experts
+        get exactly the output of the unpruned layer.
+        """
+        ids = sorted({int(e) for e in experts})
+        total = self.router.num_experts
+        held = self.expert_ids
+        if not ids or ids[0] < 0 or ids[-1] >= total:
+            raise ConfigError(
+                f"{self.name}: experts to keep must be a non-empty subset of 0..{total - 1}, "
+                f"got {ids}"
+            )
+        gone = [e for e in ids if e not in held]
+        if gone:
+            raise ConfigError(f"{self.name}: expert {gone[0]} was already removed")
+        device = self.router.gate.weight.device
+        index = torch.tensor([held.index(e) for e in ids], dtype=torch.long, device=device)
+        for name in self.expert_modules:
+            module = getattr(self, name)
+            if isinstance(module, nn.ModuleList):
+                setattr(self, name, nn.ModuleList(module[i] for i in index.tolist()))
+            else:
+                module.keep(index)
+        expert_map = torch.full((total,), -1, dtype=torch.long, device=device)
+        expert_map[ids] = torch.arange(len(ids), device=device)
+        self.expert_map = expert_map
+        self.num_experts = len(ids)
 
     def set_router(self, cfg: Mapping[str, Any]) -> None:
         """Switch the selection rule (e.g. dense softmax -> top-p), keeping the gate parameters.
@@ -63,7 +124,7 @@ class MoELayer(nn.Module):
         built before the switch keeps updating them. ``bias`` defaults to the current gate's.
         """
         cfg = {"bias": self.router.gate.bias is not None, **cfg}
-        new = build_router(cfg, self.dim, self.num_experts, self.num_tasks)
+        new = build_router(cfg, self.dim, self.router.num_experts, self.num_tasks)
         new.adopt(self.router)
         new.train(self.router.training)
         self.router = new
@@ -72,11 +133,21 @@ class MoELayer(nn.Module):
     def route(
         self, tokens: Tensor, task_ids: Tensor | None, valid: Tensor | None
     ) -> tuple[Routing, RoutingRecord]:
-        """Route ``tokens [n, dim]``; tokens with ``valid == False`` select no expert."""
+        """Route ``tokens [n, dim]``; tokens with ``valid == False`` select no expert.
+
+        Returns the routing to dispatch with (indices of the experts the layer holds) and the
+        record (the router's expert ids; after :meth:`keep_experts` the selections of removed
+        experts are empty slots in both).
+        """
         routing = self.router(tokens, task_ids)
         if valid is not None:
             keep = valid.reshape(-1, 1).to(routing.index.device)
             routing.index = routing.index.masked_fill(~keep, -1)
             routing.weight = routing.weight.masked_fill(~keep, 0.0)
         record = RoutingRecord(self.name, routing, task_ids=task_ids, valid=valid)
-        return routing, record
+        if self.expert_map is None:
+            return routing, record
+        held = self.expert_map[routing.index.clamp(min=0)].masked_fill(routing.index < 0, -1)
+        routing.index = routing.index.masked_fill(held < 0, -1)
+        routing.weight = routing.weight.masked_fill(held < 0, 0.0)
+        return Routing(routing.probs, routing.logits, held, routing.weight), record

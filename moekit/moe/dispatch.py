@@ -11,7 +11,7 @@ in :data:`STRATEGIES` and are chosen by name:
 - ``loop``: custom autograd functions looping over the experts, writing each expert's block
   into slices of preallocated buffers (no ``cat``, no stacking of per-expert weight
   gradients); its expert MLP runs gather, both projections, scaling and ``index_add_`` block by
-  block while the block is in cache and keeps only the pre-activations for backward.
+  block while the block is in cache, and keeps only ``h`` and ``act(h)`` for backward.
 
 :data:`DEFAULT_STRATEGY` holds the faster one per device, as measured by ``moekit bench moe``.
 Unselected experts cost nothing: compute scales with the number of (token, expert) pairs.
@@ -42,7 +42,6 @@ class DispatchPlan:
         slot: ``[P]`` long, the pair's flat position ``row * K + slot`` in the routing.
         sizes: the number of pairs of each expert (host ints, ``len == E``).
         num_rows: the number of rows ``n`` of the routed input.
-        num_slots: ``K``, the slots per row in the routing.
     """
 
     token: Tensor
@@ -51,7 +50,6 @@ class DispatchPlan:
     slot: Tensor
     sizes: list[int]
     num_rows: int
-    num_slots: int
 
     @classmethod
     def from_routing(
@@ -90,7 +88,6 @@ class DispatchPlan:
             slot=order,
             sizes=sizes,
             num_rows=num_rows,
-            num_slots=num_slots,
         )
 
     @property
@@ -133,7 +130,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
         for e, rows in plan.groups():
             _addmm_into(out[rows], x[rows], weight, bias, e)
         ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.plan = plan
         return out
 
     @staticmethod
@@ -141,7 +138,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]) if need_b else None
         for e, rows in ctx.plan.groups():
@@ -276,8 +273,8 @@ def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
     """Whether ``grouped_mm`` takes these operands (16-byte aligned rows, supported dtype)."""
     if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
-        return False
+    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
+        return False  # the CUDA kernel and the meta kernel used by torch.compile want bfloat16
     align = 16 // x.element_size()
     return weight.shape[-2] % align == 0 and weight.shape[-1] % align == 0
 

@@ -38,6 +38,13 @@ class ExpertLinear(nn.Module):
             f"out_features={self.out_features}, bias={self.bias is not None}"
         )
 
+    def keep(self, index: Tensor) -> None:
+        """Keep the experts ``index [E']`` (in this order): smaller stacked tensors."""
+        self.weight = nn.Parameter(self.weight.detach().index_select(0, index).clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().index_select(0, index).clone())
+        self.num_experts = int(index.numel())
+
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` alone on ``x [..., d_in]`` (for references and tests, not dispatch)."""
         y = x @ self.weight[e]

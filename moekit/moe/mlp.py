@@ -18,7 +18,7 @@ from moekit.routing.types import RoutingRecord
 
 @MOE_LAYERS.register("moe_mlp")
 class MoEMLP(MoELayer):
-    """Mixture of expert MLPs (Shazeer et al. 2017; Mod-Squad, CVPR 2023):
+    """Mixture of expert MLPs with sparse grouped dispatch (Shazeer et al. 2017; Mod-Squad).
 
     ``y = sum_{e in S(x)} w_e(x) * (act(x W1_e + b1_e) W2_e + b2_e)``
 
@@ -39,6 +39,8 @@ class MoEMLP(MoELayer):
         capacity_factor: cap each expert at ``ceil(f * pairs / E)`` pairs (dropless if None).
         strategy: dispatch strategy name (``grouped_mm``, ``loop``); None picks the device's.
     """
+
+    expert_modules = ("fc1", "fc2")
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ def pool(features: Tensor) -> Tensor:
 
 @MOE_LAYERS.register("moe_modules")
 class MoEModules(MoELayer):
-    """A mixture of arbitrary modules, routed per sample on pooled features:
+    """A mixture of arbitrary expert modules, routed per sample on pooled features.
 
     ``y_b = sum_{e in S(g_b)} w_e(g_b) * expert_e(x_b)``, ``g_b = AvgPool(gate_input_b)``
 
@@ -54,6 +54,8 @@ class MoEModules(MoELayer):
         num_tasks: number of per-task gates.
         dim: channels of the gate input (the pooled features the router sees).
     """
+
+    expert_modules = ("experts",)
 
     def __init__(
         self,
@@ -95,5 +97,8 @@ class MoEModules(MoELayer):
                 out = result.new_zeros(batch, *result.shape[1:])
             out = out.index_add(0, token, result * weight)
         if out is None:
-            raise ConfigError("MoEModules: no sample selected any expert (all invalid?)")
+            # no sample selected a held expert (all invalid, or only experts removed by
+            # keep_experts): zeros of the output shape, taken from an empty batch
+            empty = self.experts[0](*(t[:0] for t in inputs))
+            out = empty.new_zeros(batch, *empty.shape[1:])
         return out, record

@@ -25,6 +25,14 @@ def name_moe_layers(model: nn.Module) -> None:
         layer.name = name or type(layer).__name__
 
 
+def keep_task_routers(model: nn.Module, task: int) -> None:
+    """Keep only task ``task``'s gate in every task-conditioned MoE layer of ``model``
+    (per-task extraction; layers with a single gate serve one task already)."""
+    for _, layer in moe_layers(model):
+        if layer.num_tasks > 1:
+            layer.keep_task(task)
+
+
 def set_routing(model: nn.Module, router_cfg: Mapping[str, Any], layers: str | None = None) -> int:
     """Give MoE layers a new selection rule (a phase switch, e.g. dense softmax -> top-p).
 

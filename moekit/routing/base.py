@@ -76,17 +76,19 @@ class Router(nn.Module):
         """The selection rule: ``probs [n, E]`` -> ``(index [n, K], weight [n, K])``."""
         raise NotImplementedError
 
-    @property
-    def max_selected(self) -> int | None:
-        """An upper bound on the experts one token selects, when the rule has one."""
-        return None
-
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Routing:
         """Route tokens ``x [n, dim]`` with task ids ``[n]`` (or ``None``: task 0)."""
         logits = self.gate_logits(x, task_ids)
         probs = SCORES[self.score](logits.float())
         index, weight = self.select(probs)
         return Routing(probs=probs, logits=logits, index=index, weight=weight)
+
+    def keep_task(self, task: int) -> None:
+        """Keep only task ``task``'s gate (and noise gate): the router serves one task."""
+        self.gate.keep_task(task)
+        if self.noise_gate is not None:
+            self.noise_gate.keep_task(task)
+        self.num_tasks = 1
 
     def adopt(self, old: Router) -> None:
         """Take over ``old``'s gate (and noise gate) parameter objects.

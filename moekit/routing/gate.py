@@ -51,6 +51,15 @@ class Gate(nn.Module):
             f"bias={self.bias is not None}"
         )
 
+    def keep_task(self, task: int) -> None:
+        """Keep only task ``task``'s gate (per-task extraction): ``num_tasks`` becomes 1."""
+        if not 0 <= task < self.num_tasks:
+            raise ConfigError(f"task id {task} is outside 0..{self.num_tasks - 1}")
+        self.weight = nn.Parameter(self.weight.detach()[task : task + 1].clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach()[task : task + 1].clone())
+        self.num_tasks = 1
+
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
         """``x [n, dim]``, ``task_ids [n]`` (required when ``num_tasks > 1``) -> ``[n, E]``."""
         with torch.autocast(x.device.type, enabled=False):

@@ -30,9 +30,5 @@ class SoftmaxRouter(Router):
     ) -> None:
         super().__init__(dim, num_experts, num_tasks, score, renormalize, bias)
 
-    @property
-    def max_selected(self) -> int:
-        return self.num_experts
-
     def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         return select_all(probs, self.renormalize)

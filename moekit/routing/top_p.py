@@ -43,9 +43,5 @@ class TopPRouter(Router):
     def extra_repr(self) -> str:
         return f"p={self.p}, min_k={self.min_k}, max_k={self.max_k}, {super().extra_repr()}"
 
-    @property
-    def max_selected(self) -> int:
-        return self.num_experts if self.max_k is None else self.max_k
-
     def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         return select_top_p(probs, self.p, self.min_k, self.max_k, self.renormalize)

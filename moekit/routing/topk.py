@@ -36,9 +36,5 @@ class TopKRouter(Router):
     def extra_repr(self) -> str:
         return f"k={self.k}, {super().extra_repr()}"
 
-    @property
-    def max_selected(self) -> int:
-        return self.k
-
     def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         return select_top_k(probs, self.k, self.renormalize)

@@ -1,0 +1,179 @@
+"""Figures of expert usage and pruning (PNG, matplotlib's Agg backend).
+
+- :func:`plot_usage_heatmaps`: per MoE layer, the frequency with which each task selects each
+  expert, tasks × experts (Mod-Squad, Chen et al., CVPR 2023, Fig. 5);
+- :func:`plot_task_relation`: the mean share of experts two tasks use on the same input (Fig. 6);
+- :func:`plot_selected_histograms`: experts selected per token, per layer (top-p varies it);
+- :func:`plot_pruning_curve`: metric against parameters of extracted models (Fig. 3).
+
+Training curves are drawn by :func:`moekit.engine.curves.plot_curves`; prediction overlays by
+:mod:`moekit.analysis.predictions`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from moekit.analysis.usage import ExpertUsage
+from moekit.engine.curves import figure_name
+
+DPI = 100
+ANNOTATE_MAX_CELLS = 400
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _heatmap(
+    ax: Any, values: np.ndarray, rows: list[str], cols: list[str], vmax: float, fmt: str
+) -> Any:
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    if values.size <= ANNOTATE_MAX_CELLS:
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                colour = "black" if value > 0.6 * vmax else "white"
+                ax.text(
+                    j,
+                    i,
+                    format(value, fmt),
+                    ha="center",
+                    va="center",
+                    color=colour,
+                    fontsize=8 if values.size > 64 else 10,
+                )
+    return image
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    pyplot().close(fig)
+    return path
+
+
+def plot_usage_heatmaps(usage: ExpertUsage, out_dir: str | Path) -> list[Path]:
+    """``usage_<layer>.png`` per task-routed layer: ``rate[t, e]``, the fraction of task
+    ``t``'s tokens that selected expert ``e``; layers that know no tasks (one gate each, e.g.
+    per-task heads) share ``usage_single_gate_layers.png``, one row per layer."""
+    plt = pyplot()
+    out_dir = Path(out_dir)
+    written = []
+    single = {}
+    for name, layer in usage.layers.items():
+        rate = layer.rate.numpy()
+        if rate.shape[0] == 1:
+            single[name] = rate[0]
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * rate.shape[1] + 2), 0.45 * len(rate) + 1.8))
+        image = _heatmap(
+            ax, rate, usage.task_names_of(name), [str(e) for e in range(rate.shape[1])], 1.0, ".2f"
+        )
+        ax.set_xlabel("expert")
+        ax.set_ylabel("task")
+        ax.set_title(f"{name}: expert selection frequency")
+        fig.colorbar(image, ax=ax, label="P(expert selected | task)")
+        written.append(_save(fig, out_dir / figure_name(f"usage_{name}")))
+    if single:
+        width = max(len(v) for v in single.values())
+        rate = np.full((len(single), width), np.nan)
+        for i, values in enumerate(single.values()):
+            rate[i, : len(values)] = values
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * width + 3), 0.45 * len(rate) + 1.8))
+        image = _heatmap(ax, rate, list(single), [str(e) for e in range(width)], 1.0, ".2f")
+        ax.set_xlabel("expert")
+        ax.set_title("single-gate MoE layers: expert selection frequency")
+        fig.colorbar(image, ax=ax, label="P(expert selected)")
+        written.append(_save(fig, out_dir / "usage_single_gate_layers.png"))
+    return written
+
+
+def plot_task_relation(relation: Tensor, tasks: list[str], path: str | Path) -> Path:
+    """The task-relation matrix (Mod-Squad Fig. 6) as an annotated heatmap."""
+    plt = pyplot()
+    size = 0.6 * len(tasks) + 2.5
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    image = _heatmap(ax, relation.numpy(), tasks, tasks, 1.0, ".2f")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.set_title("task relation: experts shared on the same input")
+    fig.colorbar(image, ax=ax, label="mean share of experts shared")
+    return _save(fig, Path(path))
+
+
+def plot_selected_histograms(usage: ExpertUsage, path: str | Path) -> Path:
+    """One bar chart per MoE layer: the fraction of tokens that selected ``k`` experts."""
+    plt = pyplot()
+    names = list(usage.layers)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(3.2 * cols, 4.5), 2.6 * rows + 0.5), squeeze=False
+    )
+    for ax, name in zip(axes.flat, names, strict=False):
+        layer = usage.layers[name]
+        hist = layer.num_selected.numpy()
+        ax.bar(range(len(hist)), hist / max(hist.sum(), 1.0), color="tab:blue")
+        ax.set_xticks(range(0, len(hist), 1 if len(hist) <= 9 else 2))
+        ax.set_title(f"{name}\nmean {layer.mean_selected():.2f}", fontsize=9)
+        ax.set_xlabel("experts selected")
+        ax.set_ylabel("fraction of tokens")
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("experts selected per token (or sample)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Metric against parameters of extracted models (Mod-Squad Fig. 3): one line per rule
+    (threshold θ, keep-top H), the full model as a star and a dashed line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    first = frame.iloc[0]
+    for offset, (column, label, unit) in enumerate(
+        (("threshold", "threshold θ", "θ="), ("keep_top", "keep top H", "H="))
+    ):
+        rows = frame[frame[column].notna()].sort_values("params_after")
+        if rows.empty:
+            continue
+        ax.plot(rows["params_after"], rows["metric_after"], marker="o", label=label)
+        points = rows.groupby(["params_after", "metric_after"], sort=False)[column]
+        for (params, metric), values in points:  # one label per point: "θ=0%, 0.1%"
+            text = unit + ", ".join(f"{v * 100:g}%" for v in sorted(values))
+            ax.annotate(
+                text,
+                (params, metric),
+                textcoords="offset points",
+                xytext=(4, 4 - 12 * offset),
+                fontsize=7,
+            )
+    ax.axhline(first["metric_before"], color="grey", linestyle="--", linewidth=1)
+    ax.plot(
+        [first["params_before"]],
+        [first["metric_before"]],
+        "*",
+        color="black",
+        markersize=10,
+        label="full multi-task model",
+    )
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(first["metric"])
+    ax.set_title(f"pruning task '{first['task']}'")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, Path(path))

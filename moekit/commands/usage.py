@@ -1,0 +1,47 @@
+"""``moekit usage RUN_DIR [--split val] [--checkpoint best] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "usage",
+        help="count how often each expert serves each task",
+        description="Run a trained model over a split (every sample runs every task) and count, "
+        "per MoE layer, task and expert, the selections and the summed routing weight, the "
+        "experts selected per token and the task relation. Writes usage.safetensors, "
+        "usage.csv (layer, task, expert, count, weight, share, rate) and selected.csv "
+        "to RUN_DIR/usage/ (or --out).",
+    )
+    parser.add_argument("run_dir", help="a run directory written by moekit train")
+    parser.add_argument("--split", default="val", help="split to count on (default: val)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/usage)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moekit.analysis.runs import TrainedRun, progress
+    from moekit.analysis.usage import collect_usage
+    from moekit.errors import ConfigError
+    from moekit.moe import moe_layers
+
+    trained = TrainedRun.load(args.run_dir, args.checkpoint)
+    if not moe_layers(trained.model):
+        raise ConfigError(f"{args.run_dir}: the model has no MoE layer; nothing to count")
+    usage = collect_usage(
+        trained.model,
+        trained.loader(args.split),
+        list(trained.tasks),
+        progress=progress(f"usage {args.split}"),
+        info={"split": args.split, "checkpoint": args.checkpoint},
+    )
+    out = Path(args.out) if args.out else trained.path / "usage"
+    usage.save(out)
+    print(usage.selected_frame().to_string(index=False, float_format="{:.3f}".format))
+    print(f"saved: {out}/usage.safetensors, usage.csv, selected.csv")
+    return 0

@@ -1,0 +1,243 @@
+"""Start a run from another run's weights and fine-tune part of the model (``finetune:``).
+
+Router fine-tuning (Mod-Squad, Chen et al., CVPR 2023, §4.3): a trained model learns new tasks
+"by only tuning the lightweight routing network and the task-specific head with all other
+parameters frozen". The config names the tasks of the new run; tasks it shares with the
+initial run keep their trained router rows and heads, new tasks get fresh ones::
+
+    finetune:
+      init: runs/tiny_modsquad_dense-...   # or: moekit train CONFIG --init RUN_DIR
+      checkpoint: best                      # best | last checkpoint of the init run
+      mode: routers                         # all | heads | routers
+      tasks: null                           # tasks to fine-tune (default: those init lacks)
+
+``finetune: routers`` is short for ``{mode: routers}``. Modes:
+
+- ``all``: initialise from the run and train every parameter (plain warm start);
+- ``heads``: train only the heads of the fine-tuned tasks (Mod-Squad's "Task" baseline);
+- ``routers``: train the heads and the router gates of the fine-tuned tasks. Gates stack one
+  row per task (``gate.weight [T, dim, E]``, ``gate.bias [T, E]``, the noise gate's too), so
+  the gate tensors are trainable and the rows of the *other* tasks are held: they are put back
+  after every optimizer step, so neither gradients, weight decay nor momentum move them.
+
+Freezing sets ``requires_grad`` on parameters, never on modules; frozen batch-norm layers
+also keep their running statistics (momentum 0). Everything else, task embeddings included,
+stays as trained, so the tasks shared with the init run compute exactly what they did.
+Weights are matched by name; per-task tensors (router gates and ``task_embed``) are matched
+row by row by task name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from moekit.engine import checkpoint
+from moekit.engine.settings import section
+from moekit.errors import CheckpointError, ConfigError
+from moekit.routing.gate import Gate
+
+FINETUNE: dict[str, Any] = {"init": None, "checkpoint": "best", "mode": "all", "tasks": None}
+MODES = ("all", "heads", "routers")
+TASK_EMBEDDING = "task_embed"
+
+
+def finetune_settings(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The validated ``finetune`` section, or None when the config has none."""
+    raw = cfg.get("finetune")
+    if raw is None:
+        return None
+    given = {"mode": raw} if isinstance(raw, str) else raw
+    settings = section({"finetune": given}, "finetune", FINETUNE)
+    if settings["mode"] not in MODES:
+        raise ConfigError(
+            f"config key 'finetune.mode': '{settings['mode']}' is not one of {', '.join(MODES)}"
+        )
+    if settings["checkpoint"] not in ("best", "last"):
+        raise ConfigError(
+            f"config key 'finetune.checkpoint': '{settings['checkpoint']}' is not best or last"
+        )
+    tasks = settings["tasks"]
+    if tasks is not None:
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+            raise ConfigError(f"config key 'finetune.tasks': expected a list, got {tasks!r}")
+        unknown = [t for t in tasks if t not in (cfg.get("tasks") or {})]
+        if unknown:
+            raise ConfigError(f"config key 'finetune.tasks': '{unknown[0]}' is not a task")
+    return settings
+
+
+def with_init(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """``cfg`` with ``finetune.init`` set (``--init RUN_DIR``; mode ``all`` unless set)."""
+    settings = finetune_settings(cfg) or dict(FINETUNE)
+    return {**cfg, "finetune": {**settings, "init": str(run_dir)}}
+
+
+def _init_checkpoint(settings: Mapping[str, Any]) -> Path:
+    return checkpoint.checkpoint_dir(settings["init"], settings["checkpoint"])
+
+
+def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with its ``finetune`` section complete: the default ``tasks`` (those the init
+    run lacks) written out, so the saved config states what was fine-tuned."""
+    settings = finetune_settings(cfg)
+    if settings is None:
+        return dict(cfg)
+    if settings["init"] is None:
+        if settings["mode"] != "all":
+            raise ConfigError(
+                f"config key 'finetune.init': fine-tuning {settings['mode']} needs the run to "
+                "start from: moekit train CONFIG --init RUN_DIR"
+            )
+        return {**cfg, "finetune": settings}
+    ckpt = _init_checkpoint(settings)  # fails early on a wrong path
+    if settings["tasks"] is None and settings["mode"] != "all":
+        old = checkpoint.read_config(ckpt).get("tasks") or {}
+        settings["tasks"] = [t for t in cfg["tasks"] if t not in old]
+        if not settings["tasks"]:
+            raise ConfigError(
+                "config key 'finetune.tasks': every task of the config is in the init run; "
+                "name the tasks to fine-tune"
+            )
+    return {**cfg, "finetune": settings}
+
+
+def task_tensors(model: nn.Module, num_tasks: int) -> dict[str, str]:
+    """Names of the per-task tensors (dim 0 = task): gate parameters of task-conditioned
+    routers and the task embedding, mapped to what they are (``gate`` / ``embedding``)."""
+    names = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Gate) and module.num_tasks == num_tasks:
+            for name, _ in module.named_parameters(prefix=prefix):
+                names[name] = "gate"
+    for name, param in model.named_parameters():
+        if name.split(".")[-1] == TASK_EMBEDDING and param.shape[0] == num_tasks:
+            names[name] = "embedding"
+    return names
+
+
+def load_init_weights(model: nn.Module, tasks: Sequence[str], ckpt: str | Path) -> dict[str, int]:
+    """Load a checkpoint of a model trained on other (or more, or fewer) tasks, by name.
+
+    Per-task rows are copied for the tasks both share; heads of tasks the checkpoint lacks keep
+    their fresh initialisation. Any other difference (a missing, extra or reshaped tensor) is a
+    :class:`CheckpointError` naming the tensor. Returns counts of the tensors loaded.
+    """
+    ckpt = Path(ckpt)
+    file = ckpt / checkpoint.MODEL_FILE
+    old_tasks = list(checkpoint.read_config(ckpt).get("tasks") or {})
+    state = load_file(str(file))
+    own = model.state_dict()
+    per_task = task_tensors(model, len(tasks))
+    new_heads = tuple(f"heads.{t}." for t in tasks if t not in old_tasks)
+    old_heads = tuple(f"heads.{t}." for t in old_tasks if t not in tasks)
+    shared = [(i, old_tasks.index(t)) for i, t in enumerate(tasks) if t in old_tasks]
+    loaded = {"tensors": 0, "task_rows": 0}
+    with torch.no_grad():
+        for key, target in own.items():
+            if key.startswith(new_heads):
+                continue
+            if key not in state:
+                raise CheckpointError(
+                    f"{file}: the init run has no '{key}' (another architecture?)"
+                )
+            value = state[key]
+            if key in per_task:
+                if value.shape[1:] != target.shape[1:] or value.shape[0] != len(old_tasks):
+                    raise CheckpointError(_shape_error(file, key, value, target))
+                for row, old_row in shared:
+                    target[row].copy_(value[old_row])
+                loaded["task_rows"] += len(shared)
+                continue
+            if value.shape != target.shape:
+                raise CheckpointError(_shape_error(file, key, value, target))
+            target.copy_(value)
+            loaded["tensors"] += 1
+    extra = [k for k in state if k not in own and not k.startswith(old_heads)]
+    if extra:
+        raise CheckpointError(f"{file}: '{extra[0]}' of the init run has no place in the model")
+    return loaded
+
+
+def _shape_error(file: Path, key: str, value: Tensor, target: Tensor) -> str:
+    return (
+        f"{file}: '{key}' has shape {list(value.shape)} in the init run, the model "
+        f"expects {list(target.shape)}"
+    )
+
+
+def initialise(model: nn.Module, cfg: Mapping[str, Any]) -> str | None:
+    """Load ``finetune.init``'s weights into ``model`` (a fresh run); returns a log line."""
+    settings = finetune_settings(cfg)
+    if settings is None or settings["init"] is None:
+        return None
+    ckpt = _init_checkpoint(settings)
+    counts = load_init_weights(model, list(cfg["tasks"]), ckpt)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (
+        f"finetune {settings['mode']} from {ckpt}: {counts['tensors']} tensors and "
+        f"{counts['task_rows']} task rows loaded; tasks {settings['tasks'] or 'all'}; "
+        f"{trainable} of {total} parameters require gradients"
+    )
+
+
+def freeze(
+    model: nn.Module,
+    tasks: Sequence[str],
+    cfg: Mapping[str, Any],
+    optimizer: Optimizer | None = None,
+) -> None:
+    """Freeze what the ``finetune.mode`` does not train; hold other tasks' gate rows.
+
+    ``optimizer``: where to hold the rows (after every step); None when not training.
+    """
+    settings = finetune_settings(cfg)
+    if settings is None or settings["mode"] == "all":
+        return
+    tuned = settings["tasks"]
+    if tuned is None:
+        raise ConfigError(
+            "config key 'finetune.tasks': not set; name the tasks to fine-tune (a run's own "
+            "config.yaml has them)"
+        )
+    heads = tuple(f"heads.{t}." for t in tuned)
+    gates = {n for n, kind in task_tensors(model, len(tasks)).items() if kind == "gate"}
+    named = dict(model.named_parameters())
+    for t, prefix in zip(tuned, heads):
+        if not any(n.startswith(prefix) for n in named):
+            raise ConfigError(f"config key 'finetune.tasks': the model has no 'heads.{t}.*'")
+    routers = settings["mode"] == "routers"
+    for name, param in named.items():
+        param.requires_grad_(name.startswith(heads) or (routers and name in gates))
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.momentum = 0.0  # frozen: keep the running statistics too
+    if routers and optimizer is not None:
+        held = torch.tensor([i for i, t in enumerate(tasks) if t not in tuned], dtype=torch.long)
+        if held.numel():
+            hold_rows(optimizer, [named[n] for n in sorted(gates)], held)
+
+
+def hold_rows(optimizer: Optimizer, params: Sequence[nn.Parameter], rows: Tensor) -> None:
+    """Keep ``rows`` (dim 0) of ``params`` as they are across every ``optimizer.step()``."""
+    saved: list[Tensor] = []
+
+    def before(*_: Any) -> None:
+        saved[:] = [p.detach()[rows.to(p.device)].clone() for p in params]
+
+    def after(*_: Any) -> None:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param[rows.to(param.device)] = value
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)

@@ -1,0 +1,89 @@
+"""Every runnable config of configs/modsquad resolves, passes `moekit config check` and builds
+its model; the expert counts and losses are the paper's; the tiny models run a forward."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit import config
+from moekit.cli import main
+from moekit.moe import MoEAttention, MoEMLP
+from moekit.registry import MODELS, import_builtins
+from moekit.types import tasks_from_config
+
+import_builtins()
+FOLDER = Path(__file__).resolve().parents[1] / "configs" / "modsquad"
+RUNNABLE = sorted(p for p in FOLDER.glob("*.yaml") if not p.name.startswith("_"))
+SHAPES_TASKS = ["shape", "count", "semseg", "edge", "depth"]
+PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+
+
+def build(cfg, device="meta"):
+    with torch.device(device):
+        return MODELS.build(cfg["model"], tasks=tasks_from_config(cfg))
+
+
+def moe_layers(model, kind):
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def test_the_issue_lists_every_config():
+    names = {p.stem for p in RUNNABLE}
+    variants = ["mtl", "mmoe_balance", "m3vit", "moa_only", "mlp_only"]
+    stl = [f"stl_{t}" for t in SHAPES_TASKS]
+    expected = {"vit_small", "vit_base", *variants, *stl}
+    expected |= {f"tiny_{v}" for v in [*variants, *stl]} | {"tiny_modsquad"}
+    expected |= {"pascal_vit_small", "pascal_vit_base"} | {f"pascal_{v}" for v in variants}
+    expected |= {f"pascal_stl_{t}" for t in PASCAL_TASKS}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
+def test_config_checks_and_builds(path, capsys):
+    assert main(["config", "check", str(path)]) == 0
+    cfg = config.load(path)
+    assert cfg["name"] == path.stem
+    model = build(cfg)
+    tasks = list(cfg["tasks"])
+    assert list(model.heads) == tasks
+    if path.stem.startswith("tiny_"):
+        assert cfg["data"]["train"]["image_size"] == 64 and cfg["model"]["dim"] == 96
+    if "stl" in path.stem:
+        assert len(tasks) == 1 and cfg["data"]["train"]["tasks"] == tasks
+    elif "finetune" not in path.stem and "dense" not in path.stem:
+        assert tasks == (PASCAL_TASKS if path.stem.startswith("pascal_") else SHAPES_TASKS)
+
+
+def test_paper_expert_counts_and_losses():
+    small = config.load(FOLDER / "vit_small.yaml")
+    base = config.load(FOLDER / "vit_base.yaml")
+    assert small["model"]["img_size"] == base["model"]["img_size"] == 224
+    assert small["aux_losses"] == [{"type": "mutual_information", "weight": 0.001}]
+    for cfg, dim, experts, k in ((small, 384, 15, 6), (base, 768, 24, 12)):
+        model = build(cfg)
+        attention, mlp = moe_layers(model, MoEAttention), moe_layers(model, MoEMLP)
+        assert len(attention) == len(mlp) == 6  # every second block of 12
+        assert (attention[0].num_experts, attention[0].router.k) == (experts, k)
+        assert (mlp[0].num_experts, mlp[0].router.k, mlp[0].hidden) == (16, 4, dim)
+        assert attention[0].router.num_tasks == 5
+    balance = config.load(FOLDER / "mmoe_balance.yaml")["aux_losses"]
+    assert balance == [{"type": "switch_balance", "weight": 0.01}]
+    m3vit = config.load(FOLDER / "m3vit.yaml")
+    assert m3vit["aux_losses"][0]["per_task"] is True
+    model = build(m3vit)
+    assert not moe_layers(model, MoEAttention) and len(moe_layers(model, MoEMLP)) == 6
+    assert not moe_layers(build(config.load(FOLDER / "mtl.yaml")), MoEMLP)
+    assert not moe_layers(build(config.load(FOLDER / "moa_only.yaml")), MoEMLP)
+    assert not moe_layers(build(config.load(FOLDER / "mlp_only.yaml")), MoEAttention)
+
+
+@pytest.mark.parametrize("name", ["tiny_modsquad", "tiny_m3vit", "tiny_stl_depth"])
+def test_tiny_models_run_forward(name):
+    cfg = config.load(FOLDER / f"{name}.yaml")
+    torch.manual_seed(0)
+    model = build(cfg, "cpu").eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert set(out.preds) == set(cfg["tasks"])
+    if "depth" in out.preds:
+        assert out.preds["depth"].shape == (2, 1, 64, 64)
