@@ -60,9 +60,9 @@ def test_aspp_shape_and_parameter_count():
     aspp = ASPP(2048, 256, rates=(6, 12, 18))
     conv1x1 = 2048 * 256 + 2 * 256
     separable = 2048 * 9 + 2048 * 256 + 2 * 256
-    pooling = 2048 * 256 + 2 * 256
+    pooling = 2048 * 256 + 256  # 1x1 conv with bias, no BatchNorm
     project = 1280 * 256 + 2 * 256
-    assert n_params(aspp) == conv1x1 + 3 * separable + pooling + project == 3_007_488
+    assert n_params(aspp) == conv1x1 + 3 * separable + pooling + project == 3_007_232
     small = ASPP(32, 16, rates=(1, 2, 3))
     assert small(torch.randn(2, 32, 9, 13)).shape == (2, 16, 9, 13)
 

@@ -2,7 +2,8 @@
 
 Evaluates the checkpoint on the split, writes ``results.csv`` / ``results.md`` (the IDRiD seed's
 Table-1 shape), counts expert usage (``usage/``: the mean number of experts each task's gates
-select, which top-p varies) and prints the table.
+select, which top-p varies), draws prediction overlays of a few images
+(``figures/predictions_<split>.png``, the seed's Figures 4/5) and prints the table.
 """
 
 from __future__ import annotations
@@ -26,23 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def report(run_dir: str | Path, split: str = "test", checkpoint: str = "best") -> str:
-    """Evaluate, count expert usage, write the results files; return the printed report."""
+    """Evaluate, count expert usage, draw prediction overlays, write the results files; return
+    the printed report."""
+    from moekit.analysis.predictions import plot_predictions
     from moekit.analysis.results import result_row, write_results
+    from moekit.analysis.runs import split_loader
     from moekit.analysis.usage import collect_usage
     from moekit.engine import evaluate_run, load_model
-    from moekit.engine.data import build_loader
-    from moekit.engine.experiment import build_dataset
-    from moekit.engine.settings import DATA, section
 
     run_dir = Path(run_dir)
     metrics = evaluate_run(run_dir, split, checkpoint)
     model, cfg, tasks = load_model(run_dir, checkpoint)
-    data = section(cfg, "data", DATA)
-    loader = build_loader(
-        build_dataset(cfg, split), data, train=False, seed=int(cfg.get("seed", 0))
-    )
-    usage = collect_usage(model, loader, list(tasks))
+    loader = split_loader(cfg, split)
+    usage = collect_usage(model, loader, list(tasks), info={"split": split})
     usage.save(run_dir / "usage")
+    plot_predictions(model, loader.dataset, tasks, run_dir / "figures" / f"predictions_{split}.png")
     selected = usage.selected_frame()
     label = f"{cfg.get('name', run_dir.name)} ({split}, {checkpoint})"
     notes = [

@@ -30,14 +30,16 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class ImagePooling(nn.Module):
-    """ASPP's image-level branch: global average pool → 1×1 conv-BN-ReLU → upsample.
+    """ASPP's image-level branch: global average pool → 1×1 conv (with bias) → ReLU → upsample.
 
-    Its BatchNorm sees one value per channel and sample, so training needs batches of 2 or more.
+    Unlike DeepLabV3+'s BatchNorm here, which sees one value per channel and sample and so fails
+    on a training batch with a single image (a multi-task batch often holds one segmentation
+    image), the branch has no normalisation.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = _conv_bn_relu(in_channels, out_channels)
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.conv(F.adaptive_avg_pool2d(x, 1))
