@@ -1,0 +1,34 @@
+import torch
+
+from moekit import config
+from moekit.analysis.bench_idrid import markdown, run, seed_style
+from moekit.moe import set_routing
+from moekit.registry import MODELS, import_builtins
+from moekit.types import tasks_from_config
+
+import_builtins()
+
+
+def test_seed_style_masking_computes_the_same_outputs():
+    cfg = config.load("configs/idrid/demo.yaml")
+    tasks = tasks_from_config(cfg)
+    torch.manual_seed(0)
+    model = MODELS.build({**cfg["model"], "backbone": {"name": "resnet18"}}, tasks=tasks).eval()
+    set_routing(model, {"type": "top_p", "p": 0.8, "score": "sigmoid", "renormalize": True})
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        sparse = model(images).preds
+        with seed_style(model):
+            masked = model(images).preds
+        restored = model(images).preds
+    for name in tasks:
+        torch.testing.assert_close(masked[name], sparse[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(restored[name], sparse[name])
+
+
+def test_bench_idrid_reports_both_steps_and_experts_selected():
+    result = run(batch=2, size=(32, 48), reps=1, warmup=0)
+    assert set(result["train"]) == set(result["infer"]) == {"sparse", "masked"}
+    assert all(1 <= v <= result["experts"] for v in result["selected"].values())
+    table = markdown(result)
+    assert "| train |" in table and "| infer |" in table and "mean experts selected" in table
