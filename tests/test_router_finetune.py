@@ -145,7 +145,7 @@ def test_errors_name_the_problem(init_run, tmp_path):
 @pytest.mark.slow
 def test_cli_router_finetuning_of_the_tiny_configs(tmp_path):
     fast = ["data.train.num_samples=16", "data.val.num_samples=8", "data.test.num_samples=8"]
-    fast += ["train.epochs=1", "train.curves=false"]
+    fast += ["train.epochs=1", "+train.curves=false"]
     init = tmp_path / "dense"
     assert (
         main(
