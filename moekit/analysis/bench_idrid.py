@@ -5,8 +5,8 @@ unselected ones by zero, so its top-p phase saves nothing. moekit runs each expe
 samples that selected it. This benchmark times one training step (forward + backward, half
 grading and half segmentation images, each head on its labelled images) and one inference step
 (every head on every image) of ``configs/idrid/demo.yaml``'s model in its top-p phase, both
-ways, in one process with alternating repetitions (medians), and prints the mean number of
-experts selected.
+ways, in one process with alternating repetitions (medians of paired ratios), and prints the
+mean number of experts selected.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit import config
-from moekit.analysis.bench_moe import time_alternating
+from moekit.analysis.timing import summarize, time_alternating
 from moekit.moe import MoEModules, moe_layers, set_routing
 from moekit.moe.modules import pool
 from moekit.registry import MODELS, import_builtins
@@ -104,14 +104,19 @@ def run(
 
         return seed_step
 
+    def timed(step: Callable[[], None]) -> dict[str, float]:
+        times = time_alternating({"sparse": step, "masked": both_ways(step)}, reps, warmup, dev)
+        summary = summarize(times, "masked")
+        return {
+            "sparse_ms": summary["sparse"][0],
+            "masked_ms": summary["masked"][0],
+            "ratio": summary["sparse"][1],
+        }
+
     model.train()
-    train = time_alternating(
-        {"sparse": train_step, "masked": both_ways(train_step)}, reps, warmup, dev
-    )
+    train = timed(train_step)
     model.eval()
-    infer = time_alternating(
-        {"sparse": infer_step, "masked": both_ways(infer_step)}, reps, warmup, dev
-    )
+    infer = timed(infer_step)
     with torch.no_grad():
         records = model(images).routing
     selected = {r.layer: float(r.routing.num_selected().float().mean()) for r in records}
@@ -141,17 +146,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"IDRiD flagship heads ({s['config']}): batch {s['batch']} at "
         f"{s['size'][0]}x{s['size'][1]}, top-p p={s['p']} (sigmoid scores), {s['device']}, "
         f"{s['threads']} threads, "
-        f"{s['reps']} alternating repetitions, medians.",
+        f"{s['reps']} alternating repetitions; median times, the ratio is the median of "
+        "per-repetition ratios.",
         "",
         "| step | sparse ms | masked (seed) ms | sparse / masked |",
         "|---|---:|---:|---:|",
     ]
     for step in ("train", "infer"):
-        times = result[step]
-        lines.append(
-            f"| {step} | {1e3 * times['sparse']:.1f} | {1e3 * times['masked']:.1f} | "
-            f"{times['sparse'] / times['masked']:.3f} |"
-        )
+        t = result[step]
+        lines.append(f"| {step} | {t['sparse_ms']:.1f} | {t['masked_ms']:.1f} | {t['ratio']:.3f} |")
     lines += [
         "",
         f"mean experts selected per image: {mean_selected:.2f} of {result['experts']} "

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from moekit.analysis.timing import PeakMemory, summarize, time_alternating
 from moekit.moe.dispatch import STRATEGIES
 from moekit.moe.mlp import MoEMLP
 
@@ -51,7 +47,8 @@ class BenchReport:
             f"MoE-MLP benchmark: {s['batch']}x{s['tokens']} tokens, dim {s['dim']}, "
             f"{s['experts']} experts, top-{s['k']}, expert hidden {s['hidden']} "
             f"(dense hidden {s['k'] * s['hidden']}); device {s['device']}, "
-            f"{s['threads']} threads, {s['reps']} alternating repetitions, medians.",
+            f"{s['threads']} threads, {s['reps']} alternating repetitions; median times, ratios "
+            "are medians of per-repetition ratios.",
             "",
             "| forward + backward | median ms | ratio to dense |",
             "|---|---:|---:|",
@@ -77,66 +74,6 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternating(
-    fns: dict[str, Callable[[], Any]],
-    reps: int,
-    warmup: int,
-    device: torch.device,
-    before: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Median seconds of each function, run in turn ``reps`` times after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(warmup + reps):
-        for name, fn in fns.items():
-            if before is not None:
-                before()
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated by the ops run inside the context.
-
-    Every storage an op returns is counted once until it is freed (a weak reference on the
-    storage, whose Python object lives as long as the storage). Works on any device.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen:
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
 class DenseMLP(nn.Module):
     """``fc2(gelu(fc1(x)))``, the FLOP-matched dense baseline."""
 
@@ -157,8 +94,8 @@ def dense_masked(layer: MoEMLP, x: Tensor) -> Tensor:
     return torch.einsum("ne,enc->nc", weight, out).view_as(x)
 
 
-def _zero_grads(*modules: nn.Module) -> Callable[[], None]:
-    def zero() -> None:
+def _zero_grads(*modules: nn.Module) -> Callable[[str], None]:
+    def zero(_: str) -> None:
         for module in modules:
             module.zero_grad(set_to_none=True)
 
@@ -237,44 +174,45 @@ def _measure(
         fns[name] = _train_step(layer, x, grad)
     if masked:
         fns["masked"] = _train_step(lambda inp: dense_masked(moe["loop"], inp), x, grad)
-    medians = time_alternating(fns, reps, warmup, dev, _zero_grads(dense, *moe.values()))
+    times = time_alternating(fns, reps, warmup, dev, _zero_grads(dense, *moe.values()))
     labels = {
         "dense": f"dense MLP, hidden {k * hidden}",
         **{name: f"MoE-MLP top-{k}, dispatch `{name}`" for name in moe},
         "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, seed-style)",
     }
-    for name, seconds in medians.items():
-        report.train.append(
-            dict(name=labels[name], key=name, ms=seconds * 1e3, ratio=seconds / medians["dense"])
-        )
+    for name, (ms, ratio) in summarize(times, "dense").items():
+        report.train.append(dict(name=labels[name], key=name, ms=ms, ratio=ratio))
 
     layer = moe["loop"].eval()
     nn.init.normal_(layer.router.gate.weight, std=1.5 / math.sqrt(dim))
     routers = {"all": {"type": "softmax"}}
     routers.update({f"p={p}": {"type": "top_p", "p": p} for p in p_values})
-    selected: dict[str, float] = {}
+    records: dict[str, Any] = {}
 
-    def infer(name: str, cfg: dict[str, Any]) -> Callable[[], None]:
+    def infer(name: str) -> Callable[[], None]:
         def fn() -> None:
-            layer.set_router(cfg)
             with torch.no_grad():
-                _, record = layer(x)
-            selected[name] = float(record.routing.num_selected().float().mean())
+                records[name] = layer(x)[1]
 
         return fn
 
-    medians = time_alternating(
-        {name: infer(name, cfg) for name, cfg in routers.items()}, reps, warmup, dev
+    times = time_alternating(
+        {name: infer(name) for name in routers},
+        reps,
+        warmup,
+        dev,
+        lambda name: layer.set_router(routers[name]),
     )
-    for name, seconds in medians.items():
+    for name, (ms, ratio) in summarize(times, "all").items():
+        selected = float(records[name].routing.num_selected().float().mean())
         report.top_p.append(
             dict(
                 name="all experts (dense softmax)" if name == "all" else f"top-p, {name}",
                 key=name,
-                experts=selected[name],
-                ms=seconds * 1e3,
-                ratio=seconds / medians["all"],
-                expert_ratio=selected[name] / experts,
+                experts=selected,
+                ms=ms,
+                ratio=ratio,
+                expert_ratio=selected / experts,
             )
         )
 
