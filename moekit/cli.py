@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "moekit.commands.flops",
     "moekit.commands.viz",
     "moekit.commands.results",
+    "moekit.commands.sweep",
     "moekit.commands.demo",
 )
 

@@ -129,8 +129,16 @@ def _load_tree(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Load a config file with its bases and apply ``key=value`` overrides."""
-    cfg = strip_replace_markers(_load_tree(Path(path), ()))
-    return apply_overrides(cfg, overrides)
+    return load_stack([path], overrides)
+
+
+def load_stack(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Merge config files in order, as a file whose ``_base_`` lists them would (so a later
+    fragment's ``_replace_`` applies), then apply ``key=value`` overrides."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, _load_tree(Path(path), ()))
+    return apply_overrides(strip_replace_markers(merged), overrides)
 
 
 def flat_keys(node: Any, prefix: str = "") -> list[str]:

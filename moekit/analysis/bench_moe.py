@@ -17,6 +17,7 @@ dense, MoE, ...) and reported as medians, so that drifting machine load hits eve
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -183,7 +184,7 @@ def _measure(
     for name, (ms, ratio) in summarize(times, "dense").items():
         report.train.append(dict(name=labels[name], key=name, ms=ms, ratio=ratio))
 
-    layer = moe["loop"].eval()
+    layer = copy.deepcopy(moe["loop"]).eval()  # its router changes; the memory rows keep top-k
     nn.init.normal_(layer.router.gate.weight, std=1.5 / math.sqrt(dim))
     routers = {"all": {"type": "softmax"}}
     routers.update({f"p={p}": {"type": "top_p", "p": p} for p in p_values})

@@ -59,7 +59,7 @@ def _heatmap(
     return image
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -88,7 +88,7 @@ def plot_usage_heatmaps(usage: ExpertUsage, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("task")
         ax.set_title(f"{name}: expert selection frequency")
         fig.colorbar(image, ax=ax, label="P(expert selected | task)")
-        written.append(_save(fig, out_dir / figure_name(f"usage_{name}")))
+        written.append(save_figure(fig, out_dir / figure_name(f"usage_{name}")))
     if single:
         width = max(len(v) for v in single.values())
         rate = np.full((len(single), width), np.nan)
@@ -99,7 +99,7 @@ def plot_usage_heatmaps(usage: ExpertUsage, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("expert")
         ax.set_title("single-gate MoE layers: expert selection frequency")
         fig.colorbar(image, ax=ax, label="P(expert selected)")
-        written.append(_save(fig, out_dir / "usage_single_gate_layers.png"))
+        written.append(save_figure(fig, out_dir / "usage_single_gate_layers.png"))
     return written
 
 
@@ -112,7 +112,7 @@ def plot_task_relation(relation: Tensor, tasks: list[str], path: str | Path) -> 
     ax.tick_params(axis="x", labelrotation=45)
     ax.set_title("task relation: experts shared on the same input")
     fig.colorbar(image, ax=ax, label="mean share of experts shared")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_selected_histograms(usage: ExpertUsage, path: str | Path) -> Path:
@@ -136,7 +136,7 @@ def plot_selected_histograms(usage: ExpertUsage, path: str | Path) -> Path:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle("experts selected per token (or sample)", fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -176,4 +176,4 @@ def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"pruning task '{first['task']}'")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

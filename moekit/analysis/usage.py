@@ -5,6 +5,8 @@ For every MoE layer, task ``t`` and expert ``e`` the accumulator sums over a dat
 - ``count[t, e]``: the number of tokens (or samples, for module experts) of task ``t`` that
   selected expert ``e``;
 - ``weight[t, e]``: the summed routing weight those selections carried;
+- ``probs[t, e]``: the summed gate scores over *all* experts (the soft assignment that
+  Mod-Squad's mutual information ``I(T; E)`` is formed from, eq. 5);
 - ``tokens[t]``: the number of tokens of task ``t``;
 - ``num_selected``: a histogram of how many experts a token selected (top-p varies it).
 
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from moekit.errors import DataError
 from moekit.fileio import atomic_write_text
+from moekit.losses.aux_mutual_information import mutual_information_from_statistics
 from moekit.routing.types import RoutingRecord
 
 
@@ -79,17 +82,19 @@ class LayerUsage:
 
     count: Tensor  # [T, E]
     weight: Tensor  # [T, E]
+    probs: Tensor  # [T, E] summed gate scores over all experts
     tokens: Tensor  # [T]
     num_selected: Tensor  # [E + 1] histogram of experts selected per token
     overlap: Tensor  # [T, T] summed per-token overlap of two tasks' experts (pair_overlap)
     pairs: Tensor  # [T, T] number of token pairs in ``overlap``
 
-    STATS = ("count", "weight", "tokens", "num_selected", "overlap", "pairs")
+    STATS = ("count", "weight", "probs", "tokens", "num_selected", "overlap", "pairs")
 
     @classmethod
     def zeros(cls, num_tasks: int, num_experts: int) -> LayerUsage:
         z = torch.zeros
         return cls(
+            z(num_tasks, num_experts, dtype=torch.float64),
             z(num_tasks, num_experts, dtype=torch.float64),
             z(num_tasks, num_experts, dtype=torch.float64),
             z(num_tasks, dtype=torch.float64),
@@ -112,6 +117,14 @@ class LayerUsage:
         """Mean number of experts selected per token."""
         k = torch.arange(self.num_selected.numel(), dtype=torch.float64)
         return float((k * self.num_selected).sum() / self.num_selected.sum().clamp(min=1))
+
+    def mutual_information(self) -> float | None:
+        """Measured ``I(T; E)`` in nats (Mod-Squad eq. 5) from the summed gate scores, or
+        ``None`` for a layer that routes one task only."""
+        if self.count.shape[0] < 2:
+            return None
+        stats = torch.cat([self.probs, self.tokens.unsqueeze(1)], dim=1)
+        return float(mutual_information_from_statistics(stats))
 
     def relation(self) -> Tensor | None:
         """``[T, T]`` mean overlap of two tasks' experts on the same token, or ``None`` if no
@@ -138,8 +151,10 @@ class ExpertUsage:
             task_ids = _record_tasks(record)
             selected = routing.selected_mask().double()
             weights = routing.dense_weight().detach().double()
+            probs = routing.probs.detach().double()
             if valid is not None:
                 selected, weights, task_ids = selected[valid], weights[valid], task_ids[valid]
+                probs = probs[valid]
             num_tasks = len(self.tasks) if record.task_ids is not None else 1
             layer = self.layers.setdefault(
                 record.layer, LayerUsage.zeros(num_tasks, routing.num_experts)
@@ -147,6 +162,7 @@ class ExpertUsage:
             t = task_ids.cpu()
             layer.count.index_add_(0, t, selected.cpu())
             layer.weight.index_add_(0, t, weights.cpu())
+            layer.probs.index_add_(0, t, probs.cpu())
             layer.tokens.index_add_(0, t, torch.ones_like(t, dtype=torch.float64))
             per_token = selected.sum(dim=1).long().cpu()
             layer.num_selected += torch.bincount(
@@ -192,12 +208,14 @@ class ExpertUsage:
         return pd.DataFrame(rows)
 
     def selected_frame(self) -> pd.DataFrame:
-        """Per layer: the mean number of experts selected and the histogram."""
+        """Per layer: the mean number of experts selected, the histogram and the measured
+        ``I(T; E)`` (empty for a layer that routes one task)."""
         return pd.DataFrame(
             [
                 {
                     "layer": name,
                     "mean_selected": layer.mean_selected(),
+                    "mutual_information": layer.mutual_information(),
                     **{f"k={k}": int(v) for k, v in enumerate(layer.num_selected.tolist())},
                 }
                 for name, layer in self.layers.items()
@@ -239,6 +257,9 @@ class ExpertUsage:
             name, _, stat = key.rpartition("::")
             layer = usage.layers.setdefault(name, LayerUsage.zeros(1, 1))
             setattr(layer, stat, value)
+        for layer in usage.layers.values():
+            if layer.probs.shape != layer.count.shape:  # written before probs were counted
+                layer.probs = torch.zeros_like(layer.count)
         return usage
 
 

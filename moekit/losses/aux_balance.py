@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.losses.aux_base import RoutingLoss, normalized, valid_rows
+from moekit.losses.aux_base import RoutingLoss, valid_rows
 from moekit.registry import AUX_LOSSES
+from moekit.routing.select import renormalize_weight
 from moekit.routing.types import RoutingRecord
 
 
@@ -23,7 +24,12 @@ def switch_balance(probs: Tensor, index: Tensor, num_experts: int) -> Tensor:
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
-    """Squared coefficient of variation ``Var(x) / (Mean(x)^2 + eps)`` (population variance)."""
+    """Squared coefficient of variation ``Var(x) / (Mean(x)^2 + eps)``.
+
+    ``Var`` is the population variance, as in Shazeer et al.'s tensor2tensor code
+    (``tf.nn.moments``); PyTorch ports that call ``Tensor.var()`` use the unbiased one, larger
+    by ``E / (E - 1)``.
+    """
     x = x.float()
     return x.var(unbiased=False) / (x.mean() ** 2 + eps)
 
@@ -48,7 +54,7 @@ class SwitchBalanceLoss(RoutingLoss):
         self.per_task = per_task
 
     def layer_loss(self, record: RoutingRecord) -> Tensor:
-        probs = normalized(valid_rows(record, record.routing.probs))
+        probs = renormalize_weight(valid_rows(record, record.routing.probs).float())
         index = valid_rows(record, record.routing.index)
         num_experts = probs.shape[-1]
         task_ids = valid_rows(record, record.task_ids)

@@ -62,12 +62,6 @@ def num_ids(ids: Tensor, given: int | None) -> int:
     return global_count(local, ids.device)
 
 
-def normalized(probs: Tensor) -> Tensor:
-    """Scores normalised to a distribution per token (a softmax is left unchanged)."""
-    probs = probs.float()
-    return probs / probs.sum(dim=-1, keepdim=True).clamp_min(EPS)
-
-
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
     """``H(p) = -sum p log p`` along ``dim`` (``log`` clamped at ``EPS``)."""
     return -(p * p.clamp_min(EPS).log()).sum(dim=dim)

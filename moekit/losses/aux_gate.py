@@ -19,8 +19,9 @@ import math
 
 from torch import Tensor
 
-from moekit.losses.aux_base import RoutingLoss, entropy, normalized, valid_rows
+from moekit.losses.aux_base import RoutingLoss, entropy, valid_rows
 from moekit.registry import AUX_LOSSES
+from moekit.routing.select import renormalize_weight
 from moekit.routing.types import RoutingRecord
 
 
@@ -49,7 +50,7 @@ class UsageEntropyLoss(RoutingLoss):
     """
 
     def layer_loss(self, record: RoutingRecord) -> Tensor:
-        return -entropy(normalized(_scores(record)).mean(dim=0))
+        return -entropy(renormalize_weight(_scores(record).float()).mean(dim=0))
 
 
 @AUX_LOSSES.register("routing_entropy")
@@ -62,7 +63,7 @@ class RoutingEntropyLoss(RoutingLoss):
     """
 
     def layer_loss(self, record: RoutingRecord) -> Tensor:
-        return entropy(normalized(_scores(record))).mean()
+        return entropy(renormalize_weight(_scores(record).float())).mean()
 
 
 @AUX_LOSSES.register("kl_uniform")
@@ -74,6 +75,6 @@ class KLUniformLoss(RoutingLoss):
     """
 
     def layer_loss(self, record: RoutingRecord) -> Tensor:
-        usage = normalized(_scores(record)).mean(dim=0)
+        usage = renormalize_weight(_scores(record).float()).mean(dim=0)
         num_experts = usage.shape[-1]
         return -math.log(num_experts) - usage.clamp_min(1e-8).log().mean()

@@ -19,11 +19,11 @@ from moekit.losses.aux_base import (
     Reduce,
     RoutingLoss,
     all_reduce_sum,
-    normalized,
     num_ids,
     valid_rows,
 )
 from moekit.registry import AUX_LOSSES
+from moekit.routing.select import renormalize_weight
 from moekit.routing.types import RoutingRecord
 
 
@@ -136,7 +136,7 @@ class MutualInformationLoss(RoutingLoss):
         if record.task_ids is None:
             return probs.new_zeros(())
         task_ids = valid_rows(record, record.task_ids)
-        probs = normalized(valid_rows(record, probs))
+        probs = renormalize_weight(valid_rows(record, probs).float())
         num_tasks = num_ids(task_ids, self.num_tasks)
         return -mutual_information(probs, task_ids, num_tasks, self.reduce)
 
@@ -170,7 +170,7 @@ class ConditionalMutualInformationLoss(RoutingLoss):
         task_ids = valid_rows(record, record.task_ids)
         if task_ids is None:
             task_ids = torch.zeros_like(modality_ids)
-        probs = normalized(valid_rows(record, probs))
+        probs = renormalize_weight(valid_rows(record, probs).float())
         return -conditional_mutual_information(
             probs,
             modality_ids,

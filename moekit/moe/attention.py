@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moekit.moe.base import MoELayer, rows_per_token
-from moekit.moe.dispatch import DispatchPlan, grouped_linear
+from moekit.moe.dispatch import DispatchPlan, check_capacity_factor, grouped_linear
 from moekit.moe.experts import ExpertLinear
 from moekit.registry import MOE_LAYERS
 from moekit.routing.types import RoutingRecord
@@ -75,6 +75,7 @@ class MoEAttention(MoELayer):
     ) -> None:
         super().__init__(dim, num_experts, router, num_tasks)
         self.head_dim = head_dim
+        check_capacity_factor(capacity_factor)
         self.capacity_factor, self.strategy = capacity_factor, strategy
         self.q_proj = ExpertLinear(num_experts, dim, head_dim, bias)
         self.kv = nn.Linear(dim, 2 * head_dim, bias=bias)
@@ -113,7 +114,9 @@ class MoEAttention(MoELayer):
             keys = valid.view(batch, 1, length)
             mask = keys | ~keys.any(dim=-1, keepdim=True)
         attended = F.scaled_dot_product_attention(
-            queries.view(batch, rows, self.head_dim), key.to(query.dtype), value.to(query.dtype),
+            queries.view(batch, rows, self.head_dim),
+            key.to(query.dtype),
+            value.to(query.dtype),
             attn_mask=mask,
         )
         heads = attended.reshape(batch * rows, self.head_dim).index_select(0, packed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,16 @@ from torch import Tensor
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.moe.activations import Activation
+
+
+def check_capacity_factor(capacity_factor: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``capacity_factor`` is ``None`` (dropless) or > 0."""
+    if capacity_factor is not None and not (
+        isinstance(capacity_factor, int | float) and capacity_factor > 0
+    ):
+        raise ConfigError(
+            f"capacity_factor must be > 0 (or null: dropless), got {capacity_factor!r}"
+        )
 
 
 @dataclass
@@ -73,8 +84,7 @@ class DispatchPlan:
         order = order[empty:]
         expert = flat[order]
         if capacity_factor is not None:
-            if capacity_factor <= 0:
-                raise ConfigError(f"capacity_factor must be > 0, got {capacity_factor}")
+            check_capacity_factor(capacity_factor)
             capacity = math.ceil(capacity_factor * len(order) / num_experts)
             starts = torch.tensor([0, *sizes[:-1]], device=index.device).cumsum(0)
             rank = torch.arange(len(order), device=index.device) - starts[expert]
@@ -125,7 +135,9 @@ class _LoopGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan):
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan
+    ) -> Tensor:
         out = x.new_empty(x.shape[0], weight.shape[-1])
         for e, rows in plan.groups():
             _addmm_into(out[rows], x[rows], weight, bias, e)
@@ -134,7 +146,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
@@ -162,7 +174,17 @@ class _LoopExpertMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, scale, act, plan):
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        scale: Tensor,
+        act: Activation,
+        plan: DispatchPlan,
+    ) -> Tensor:
         y = x.new_zeros(plan.num_rows, w2.shape[-1])
         h = x.new_empty(plan.num_pairs, w1.shape[-1])
         a = torch.empty_like(h)
@@ -177,7 +199,7 @@ class _LoopExpertMLP(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, b1, w2, b2, scale, h, a = ctx.saved_tensors
         act, plan = ctx.act, ctx.plan
         inputs = (x, w1, b1, w2, b2, scale)
@@ -246,17 +268,26 @@ class Strategy:
 class LoopStrategy(Strategy):
     """Per-expert ``addmm`` loops in custom autograd functions (the CPU default)."""
 
-    def linear(self, x, weight, bias, plan):
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
         return _LoopGroupedLinear.apply(x, weight, bias, plan)
 
-    def mlp(self, x, w1, b1, w2, b2, act, plan):
+    def mlp(
+        self,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        act: Activation,
+        plan: DispatchPlan,
+    ) -> Tensor:
         return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.to(x.dtype), act, plan)
 
 
 class GroupedMMStrategy(Strategy):
     """One :func:`torch.nn.functional.grouped_mm` per projection (the CUDA default)."""
 
-    def linear(self, x, weight, bias, plan):
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
         if not grouped_mm_supported(x, weight):
             return STRATEGIES["loop"].linear(x, weight, bias, plan)
         out = F.grouped_mm(x, weight, offs=plan.offsets())

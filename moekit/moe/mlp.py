@@ -10,7 +10,7 @@ from torch import Tensor
 
 from moekit.moe.activations import get_activation
 from moekit.moe.base import MoELayer, rows_per_token
-from moekit.moe.dispatch import DispatchPlan, expert_mlp
+from moekit.moe.dispatch import DispatchPlan, check_capacity_factor, expert_mlp
 from moekit.moe.experts import ExpertLinear
 from moekit.registry import MOE_LAYERS
 from moekit.routing.types import RoutingRecord
@@ -58,6 +58,7 @@ class MoEMLP(MoELayer):
         self.hidden = hidden
         self.activation = activation
         self.act = get_activation(activation)
+        check_capacity_factor(capacity_factor)
         self.capacity_factor, self.strategy = capacity_factor, strategy
         self.fc1 = ExpertLinear(num_experts, dim, hidden, bias)
         self.fc2 = ExpertLinear(num_experts, hidden, dim, bias)

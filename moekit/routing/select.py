@@ -19,6 +19,11 @@ def renormalize_weight(weight: Tensor) -> Tensor:
     return weight / total.clamp_min(torch.finfo(weight.dtype).tiny)
 
 
+def mass_tolerance(probs: Tensor) -> float:
+    """``E · eps``: the rounding error a cumulative sum of ``E`` probabilities can carry."""
+    return probs.shape[-1] * torch.finfo(probs.dtype).eps
+
+
 def check_k(k: int, num_experts: int, name: str = "k") -> None:
     """Raise :class:`ConfigError` unless ``1 <= k <= num_experts``."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
@@ -29,6 +34,16 @@ def check_p(p: float) -> None:
     """Raise :class:`ConfigError` unless ``0 < p <= 1``."""
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p <= 1.0:
         raise ConfigError(f"p must be a number in (0, 1], got {p!r}")
+
+
+def check_top_p(p: float, min_k: int, max_k: int | None, num_experts: int) -> None:
+    """Raise :class:`ConfigError` unless ``0 < p <= 1`` and ``1 <= min_k <= max_k <= E``."""
+    check_p(p)
+    check_k(min_k, num_experts, "min_k")
+    if max_k is not None:
+        check_k(max_k, num_experts, "max_k")
+        if max_k < min_k:
+            raise ConfigError(f"max_k ({max_k}) must be >= min_k ({min_k})")
 
 
 def select_all(probs: Tensor, renormalize: bool = False) -> tuple[Tensor, Tensor]:
@@ -63,7 +78,9 @@ def select_top_p(
     cumulative mass exceeds ``p``: expert ``j`` (in sorted order) is kept iff
     ``sum_{i<j} P_(i) <= p``. The expert that crosses ``p`` is kept and the top-1 is always
     kept, so ``k = 1`` exactly when ``P_max > p``, and uniform probabilities over ``E`` experts
-    give ``k = floor(p E) + 1``. If the row's total mass never exceeds ``p`` (possible with
+    give ``k = floor(p E) + 1``. The comparison allows for the rounding of the cumulative sum
+    (:func:`mass_tolerance`), so that an exact boundary such as ``p E`` an integer follows the
+    rule rather than the rounding. If the row's total mass never exceeds ``p`` (possible with
     independent sigmoid scores) every expert is kept. ``min_k`` and ``max_k`` then bound ``k``.
 
     The number of slots ``K`` is ``max_k`` when given (a static shape), else the largest ``k``
@@ -71,21 +88,16 @@ def select_top_p(
     paper) or, with ``renormalize``, divided by their sum.
     """
     num_experts = probs.shape[-1]
-    check_p(p)
-    check_k(min_k, num_experts, "min_k")
-    if max_k is not None:
-        check_k(max_k, num_experts, "max_k")
-        if max_k < min_k:
-            raise ConfigError(f"max_k ({max_k}) must be >= min_k ({min_k})")
+    check_top_p(p, min_k, max_k, num_experts)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = torch.nn.functional.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
     rank = torch.arange(num_experts, device=probs.device)
-    keep = (mass_before <= p) | (rank < min_k)
+    keep = (mass_before <= p + mass_tolerance(probs)) | (rank < min_k)
     if max_k is not None:
         keep &= rank < max_k
         slots = max_k
     else:
-        slots = int(keep.sum(dim=-1).max())
+        slots = int(keep.sum(dim=-1).max()) if probs.shape[0] else min_k
     keep = keep[:, :slots]
     index = torch.where(keep, order[:, :slots], -1)
     weight = torch.where(keep, sorted_probs[:, :slots], 0.0)

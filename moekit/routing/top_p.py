@@ -6,7 +6,7 @@ from torch import Tensor
 
 from moekit.registry import ROUTERS
 from moekit.routing.base import Router
-from moekit.routing.select import check_k, check_p, select_top_p
+from moekit.routing.select import check_top_p, select_top_p
 
 
 @ROUTERS.register("top_p")
@@ -34,10 +34,7 @@ class TopPRouter(Router):
         bias: bool = False,
     ) -> None:
         super().__init__(dim, num_experts, num_tasks, score, renormalize, bias)
-        check_p(p)
-        check_k(min_k, num_experts, "min_k")
-        if max_k is not None:
-            check_k(max_k, num_experts, "max_k")
+        check_top_p(p, min_k, max_k, num_experts)
         self.p, self.min_k, self.max_k = p, min_k, max_k
 
     def extra_repr(self) -> str:

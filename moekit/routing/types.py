@@ -34,7 +34,7 @@ class Routing:
         """``[n, E]`` bool: whether token ``i`` selected expert ``e``."""
         n, num_experts = self.probs.shape
         mask = torch.zeros(n, num_experts + 1, dtype=torch.bool, device=self.index.device)
-        mask.scatter_(1, self.index.clamp(min=-1) % (num_experts + 1), True)
+        mask.scatter_(1, self.index % (num_experts + 1), True)  # -1 lands in the spare column
         return mask[:, :num_experts]
 
     def num_selected(self) -> Tensor:
