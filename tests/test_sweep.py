@@ -86,7 +86,7 @@ def test_unknown_profile_lists_the_profiles(tmp_path):
     path = write_study(
         tmp_path, variants={"a": []}, columns={"x": "params"}, profiles={"cpu": {}}
     )
-    with pytest.raises(ConfigError, match="no profile 'gpu'.*; profiles: cpu"):
+    with pytest.raises(ConfigError, match=r"no profile 'gpu'.*; profiles: cpu"):
         load_study(path, "gpu")
 
 
@@ -152,7 +152,8 @@ def test_results_table_mean_std_best_and_delta(tmp_path):
     table = (study.directory / "results.md").read_text()
     best_acc = frame["acc"].idxmax()
     best_err = frame["err"].idxmin()
-    row = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    row = {line.split("|")[1].strip(): line for line in lines}
     assert f"**{frame.loc[best_acc, 'acc']:.4g}" in row[f"`{best_acc}`"]
     assert f"**{frame.loc[best_err, 'err']:.4g}" in row[f"`{best_err}`"]
     assert "**1 ± 0**" in row["`stl`"], "fewest parameters is best"
