@@ -16,7 +16,6 @@ The config language (docs/configs.md):
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,29 +23,34 @@ from typing import Any
 
 import yaml
 
-from moekit.errors import ConfigError
+from moekit.errors import ConfigError, did_you_mean
 from moekit.fileio import atomic_write_text
 
 BASE_KEY = "_base_"
 REPLACE_KEY = "_replace_"
 
 
+YAML12_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+"""YAML 1.2 floats: ``3e-4`` is a float (YAML 1.1, PyYAML's default, needs ``3.0e-4``)."""
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 floats, so ``lr: 3e-4`` is a float, not a string."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that knows YAML 1.2 floats, so it quotes the string ``"1e3"``."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
@@ -191,14 +195,9 @@ def get(cfg: Mapping[str, Any], key: str, default: Any = ConfigError) -> Any:
         found, node = _child(node, part)
         if not found:
             if default is ConfigError:
-                raise ConfigError(f"config has no key '{key}'{_closest(cfg, key)}")
+                raise ConfigError(f"config has no key '{key}'{did_you_mean(key, flat_keys(cfg))}")
             return default
     return node
-
-
-def _closest(cfg: Mapping[str, Any], key: str) -> str:
-    close = difflib.get_close_matches(key, flat_keys(cfg), n=3, cutoff=0.6)
-    return "; closest existing keys: " + ", ".join(close) if close else ""
 
 
 def set_key(cfg: dict[str, Any], key: str, value: Any, add: bool = False) -> None:
@@ -211,7 +210,7 @@ def set_key(cfg: dict[str, Any], key: str, value: Any, add: bool = False) -> Non
         if not found:
             if not add:
                 raise ConfigError(
-                    f"override '{key}': no such key{_closest(cfg, key)} "
+                    f"override '{key}': no such key{did_you_mean(key, flat_keys(cfg))} "
                     f"(use +{key}=... to add a new key)"
                 )
             if not isinstance(node, dict):
@@ -242,7 +241,13 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
 
 def dump(cfg: Mapping[str, Any]) -> str:
     """The config as YAML text, keys in their given order."""
-    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.dump(dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def dump_value(value: Any) -> str:
+    """One value as flow-style YAML for an override: ``key=<dump_value(v)>`` reads back ``v``."""
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
 
 
 def save(cfg: Mapping[str, Any], path: str | Path) -> Path:

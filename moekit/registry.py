@@ -49,15 +49,29 @@ def _definition_site(obj: Any) -> str:
     return f"{module}.{qualname} (line {line})"
 
 
-def accepted_kwargs(fn: Callable[..., Any]) -> tuple[list[str], bool]:
-    """Names of the keyword arguments ``fn`` accepts, and whether it takes ``**kwargs``."""
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
     target = fn.__init__ if inspect.isclass(fn) else fn
     params = list(inspect.signature(target).parameters.values())
     if inspect.isclass(fn) and params and params[0].name == "self":
         params = params[1:]
+    return params
+
+
+def accepted_kwargs(fn: Callable[..., Any]) -> tuple[list[str], bool]:
+    """Names of the keyword arguments ``fn`` accepts, and whether it takes ``**kwargs``."""
+    params = _parameters(fn)
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     return names, var_kw
+
+
+def required_kwargs(fn: Callable[..., Any]) -> list[str]:
+    """Names of the keyword arguments ``fn`` needs (those without a default)."""
+    return [
+        p.name
+        for p in _parameters(fn)
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+    ]
 
 
 class Registry:
@@ -148,10 +162,17 @@ class Registry:
             unknown = [k for k in kwargs if k not in accepted]
             if unknown:
                 key = unknown[0]
+                source = "" if key in cfg else " (passed by the caller, not the config)"
                 raise RegistryError(
-                    f"{self.name} '{name}' does not accept '{key}'"
+                    f"{self.name} '{name}' does not accept '{key}'{source}"
                     f"{did_you_mean(key, accepted)}; accepted: {', '.join(accepted) or '(none)'}"
                 )
+        missing = [k for k in required_kwargs(fn) if k not in kwargs]
+        if missing:
+            raise RegistryError(
+                f"{self.name} '{name}' needs {', '.join(repr(k) for k in missing)}; "
+                f"accepted: {', '.join(accepted)}"
+            )
         return fn(**kwargs)
 
 

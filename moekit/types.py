@@ -163,9 +163,13 @@ class Batch:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def first_input(self) -> Tensor:
+        """The image tensor, or the first modality's."""
+        return self.inputs if isinstance(self.inputs, Tensor) else next(iter(self.inputs.values()))
+
+    @property
     def batch_size(self) -> int:
-        first = self.inputs if isinstance(self.inputs, Tensor) else next(iter(self.inputs.values()))
-        return int(first.shape[0])
+        return int(self.first_input.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -179,7 +183,7 @@ class Batch:
         """``bool[B]`` mask of samples labelled for ``task`` (all False if the task is absent)."""
         mask = self.has_target.get(task)
         if mask is None:
-            return torch.zeros(self.batch_size, dtype=torch.bool)
+            return torch.zeros(self.batch_size, dtype=torch.bool, device=self.first_input.device)
         return mask
 
 

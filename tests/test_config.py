@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ leaves = st.one_of(
     st.integers(-5, 5),
     st.floats(allow_nan=False, width=32),
     st.text(max_size=4),
+    st.sampled_from(["1e3", "3e-4", ".inf", "-1.5", "1_000", "0x1F", "yes", "null"]),
     st.booleans(),
     st.none(),
     st.lists(st.integers(0, 3), max_size=3),
@@ -69,13 +69,24 @@ keys = st.lists(st.sampled_from(["train", "model", "lr", "epochs", "p"]), min_si
 @given(trees, keys, leaves)
 def test_added_override_then_read_returns_the_value(cfg, path, value):
     key = ".".join(path)
-    text = f"+{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
-    text = text.removesuffix("\n...").removesuffix(" ...")
     try:
-        updated = config.apply_overrides(cfg, [text])
+        updated = config.apply_overrides(cfg, [f"+{key}={config.dump_value(value)}"])
     except ConfigError:
         return  # a prefix of the path is a leaf: refusing is the right answer
     assert config.get(updated, key) == value
+
+
+@given(trees, leaves, st.data())
+def test_override_of_an_existing_key_then_read_returns_the_value(cfg, value, data):
+    existing = config.flat_keys(cfg)
+    if not existing:
+        return
+    key = data.draw(st.sampled_from(existing))
+    updated = config.apply_overrides(cfg, [f"{key}={config.dump_value(value)}"])
+    assert config.get(updated, key) == value
+    others = [k for k in existing if not k.startswith(key) and not key.startswith(k)]
+    for other in others:
+        assert config.get(updated, other) == config.get(cfg, other), "other keys are unchanged"
 
 
 @given(trees)
@@ -160,7 +171,7 @@ def test_override_list_element():
 def test_get_missing_key_raises_or_returns_default():
     assert config.get({"a": {"b": 1}}, "a.b") == 1
     assert config.get({"a": {}}, "a.c", None) is None
-    with pytest.raises(ConfigError, match=r"closest existing keys: a\.b"):
+    with pytest.raises(ConfigError, match=r"did you mean 'a\.b'"):
         config.get({"a": {"b": 1}}, "a.bb")
 
 
@@ -168,3 +179,21 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     path = write(tmp_path / "c.yaml", "lr: 3e-4\nwd: 1.0e-4\nname: 1e3x\n")
     cfg = config.load(path, ["+eps=1e-8"])
     assert cfg == {"lr": 3e-4, "wd": 1e-4, "name": "1e3x", "eps": 1e-8}
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for p in CONFIGS.rglob("*.yaml")
+        if not p.name.startswith("_") and p.parent.name != "tasks"
+    ),
+    ids=lambda p: str(p.relative_to(CONFIGS)),
+)
+def test_every_shipped_config_resolves_and_names_registered_types(path):
+    from moekit.config_check import check_types
+
+    check_types(config.load(path), source=str(path))

@@ -64,7 +64,6 @@ def test_some_process_batch_misses_a_task():
 
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process(tmp_path):
-    pytest.importorskip("moekit.moe")
     single = launch([sys.executable], tmp_path / "one", batch_size=8)
     two_procs = [torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                  "--master_port", "29517"]  # fmt: skip

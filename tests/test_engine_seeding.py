@@ -9,9 +9,10 @@ import torch
 from moekit.data.synthetic_tensors import SyntheticTensors
 from moekit.engine.data import EpochSampler
 from moekit.engine.launch import make_accelerator
-from moekit.engine.seeding import derived_seed, seed_everything
+from moekit.engine.seeding import seed_everything
 from moekit.engine.settings import TRAIN
 from moekit.errors import ConfigError
+from moekit.rng import derived_seed
 
 
 def draws():

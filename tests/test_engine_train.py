@@ -166,6 +166,8 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         "+train.epoch=3": "'train.epoch' is not known; did you mean 'epochs'",
         "eval.monitor=val/cls/acc": "'eval.monitor': 'val/cls/acc' is not logged",
         "train.freeze=[decoder]": "matches no parameter",
+        "model.type=tiny_mtll": "model.type: MODELS: unknown type 'tiny_mtll'",
+        "weighting={type: fixed}": "WEIGHTINGS 'fixed' needs 'weights'",
     }
     run_dir = tmp_path / "run"
     for override, message in cases.items():
@@ -196,7 +198,7 @@ def test_routing_schedule_switches_at_the_fraction(tmp_path, monkeypatch):
         calls.append((router_cfg, layers))
         return 3
 
-    monkeypatch.setattr(moekit.moe, "set_routing", set_routing, raising=False)
+    monkeypatch.setattr(moekit.moe, "set_routing", set_routing)
     cfg = config.load(CONFIG, [*FAST, "+train.curves=false"])
     cfg["routing_schedule"] = [{"until": 0.5, "router": "softmax"}, {"router": "top_p", "p": 0.5}]
     Trainer(cfg, run_dir=tmp_path / "r").fit()
@@ -214,7 +216,6 @@ def test_gradient_accumulation_halves_the_steps(tmp_path):
 
 
 def test_moe_model_with_phase_switch_and_mutual_information(tmp_path):
-    pytest.importorskip("moekit.moe")
     moe = [
         "+model.moe={num_experts: 3, router: {type: softmax}}",
         "aux_losses=[{type: mutual_information, weight: 0.01}]",
@@ -227,3 +228,65 @@ def test_moe_model_with_phase_switch_and_mutual_information(tmp_path):
     assert model.moe.router_config["type"] == "top_p" and model.moe.router_config["p"] == 0.6
     records = model(torch.zeros(2, 3, 32, 32)).routing
     assert [r.layer for r in records] == ["moe"] and records[0].task_ids.tolist() == [0, 0, 1, 1]
+
+
+EXACT_BATCHES = [
+    "data.train.num_samples=16",
+    "data.train.label_fraction={cls: 1.0, seg: 1.0}",
+    "tasks.seg.loss=[bce]",  # per-sample losses: a batch's mean is the mean of its halves
+    "optimizer={type: sgd, lr: 0.5, momentum: 0.0}",
+    "scheduler={type: constant}",
+    "train.epochs=1",
+    "train.clip_grad=null",
+    "+train.curves=false",
+]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    def final(*overrides):
+        cfg = config.load(CONFIG, [*FAST, *EXACT_BATCHES, *overrides])
+        Trainer(cfg, run_dir=tmp_path / str(len(list(tmp_path.iterdir())))).fit()
+        return weights(sorted(tmp_path.iterdir())[-1])
+
+    big = final("data.batch_size=8")
+    accumulated = final("data.batch_size=4", "train.grad_accum=2")
+    assert big.keys() == accumulated.keys()
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_clipping_bounds_each_step(tmp_path):
+    cfg = config.load(
+        CONFIG, [*FAST, *EXACT_BATCHES, "data.train.num_samples=8", "train.clip_grad=0.001"]
+    )
+    trainer = Trainer(cfg, run_dir=tmp_path / "clip")
+    before = {k: v.clone() for k, v in trainer.exp.model.state_dict().items()}
+    assert trainer.fit()["steps"] == 1
+    after = weights(tmp_path / "clip")
+    step = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert 0 < float(step) <= 0.5 * 0.001 * (1 + 1e-4), "SGD step = lr x clipped gradient"
+
+
+def test_a_failed_setup_leaves_no_auto_named_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["train", str(CONFIG), "--set", f"+output_dir={out}", "train.freeze=[decoder]"]
+    assert main(args) == 2
+    assert "matches no parameter" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_ctrl_c_marks_the_run_interrupted(tmp_path, monkeypatch):
+    cfg = config.load(CONFIG, [*FAST, "+train.curves=false"])
+    trainer = Trainer(cfg, run_dir=tmp_path / "stop")
+    real = trainer._train_epoch
+
+    def stop_in_epoch_two(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(epoch)
+
+    monkeypatch.setattr(trainer, "_train_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 1

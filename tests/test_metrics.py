@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.metrics  # noqa: F401  (registers METRICS)
@@ -55,6 +55,47 @@ def test_per_class_precision_recall_f1():
     micro = build("f1", 3, average="micro")
     micro.update(preds, targets)
     assert micro.compute()[""] == pytest.approx(4 / 6)  # micro F1 = accuracy for multiclass
+
+
+def reference_macro(y, p, c, kind, zero_division=0.0):
+    """scikit-learn's macro average over the labels present in y or p, in plain Python."""
+    scores = []
+    for k in sorted(set(y) | set(p)):
+        tp = sum(1 for a, b in zip(y, p, strict=True) if a == k and b == k)
+        fp = sum(1 for a, b in zip(y, p, strict=True) if a != k and b == k)
+        fn = sum(1 for a, b in zip(y, p, strict=True) if a == k and b != k)
+        num, den = {
+            "precision": (tp, tp + fp),
+            "recall": (tp, tp + fn),
+            "f1": (2 * tp, 2 * tp + fp + fn),
+        }[kind]
+        if den:
+            scores.append(num / den)
+        elif zero_division is not None:
+            scores.append(zero_division)
+    return sum(scores) / len(scores) if scores else math.nan
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=30),
+    kind=st.sampled_from(["precision", "recall", "f1"]),
+    zero_division=st.sampled_from([0.0, None]),
+)
+def test_macro_scores_match_a_plain_computation(pairs, kind, zero_division):
+    y, p = [a for a, _ in pairs], [b for _, b in pairs]
+    metric = build(kind, 4, zero_division=zero_division)
+    metric.update(logits_for(p, 4), torch.tensor(y))
+    expected = reference_macro(y, p, 4, kind, zero_division)
+    got = metric.compute()[""]
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
+
+
+def test_a_class_never_predicted_scores_zero_precision():
+    metric = build("precision", 2)
+    metric.update(logits_for([0, 0], 2), torch.tensor([0, 1]))
+    result = metric.compute()
+    assert result["1"] == 0.0 and result[""] == pytest.approx((1 / 2 + 0) / 2)
 
 
 def test_macro_skips_undefined_classes():

@@ -33,6 +33,7 @@ from moekit.data.image_io import read_mask, read_rgb, resize_image, resize_mask
 from moekit.data.transforms import JointTransform, parse_size
 from moekit.errors import ConfigError, DataError, did_you_mean
 from moekit.registry import DATASETS, TRANSFORMS
+from moekit.rng import derived_seed
 
 GRADING_TASKS = ("rg", "mer")
 LESIONS = ("MA", "HE", "EX", "SE", "OD")
@@ -265,8 +266,9 @@ def carve_validation(
     val: list[IdridRecord] = []
     for source_index, source in enumerate(SOURCES):
         group = sorted((r for r in records if r.source == source), key=lambda r: r.image_id)
-        seq = np.random.SeedSequence([seed, source_index]).generate_state(1)[0]
-        chosen = stratified_split([_stratum(r) for r in group], fraction, int(seq))
+        chosen = stratified_split(
+            [_stratum(r) for r in group], fraction, derived_seed(seed, source_index)
+        )
         for record, is_val in zip(group, chosen):
             (val if is_val else train).append(record)
     return train, val
@@ -296,11 +298,6 @@ def idrid_tasks(tasks: Sequence[str] = TASKS) -> dict[str, dict[str, Any]]:
         }
         for name in _choice("task", tasks, TASKS)
     }
-
-
-def seed_for(seed: int, epoch: int, rank: int, worker: int) -> int:
-    """The augmentation seed of DataLoader worker ``worker`` of process ``rank`` in ``epoch``."""
-    return int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
 
 
 @DATASETS.register("idrid")
@@ -420,7 +417,7 @@ class IdridDataset(Dataset):
         Call it before creating each epoch's DataLoader iterator (with non-persistent workers
         the workers receive a copy of the dataset at that moment). Worker ``w`` of process
         ``r`` (the ``RANK`` of a distributed launch, else 0) then draws from
-        ``seed_for(seed, e, r, w)`` in epoch ``e``, so a run is reproducible for a given number
+        ``derived_seed(seed, e, r, w)`` in epoch ``e``, so a run is reproducible for a given number
         of processes and workers, batch size and sampler, and a run resumed at an epoch
         boundary repeats the augmentation exactly.
         """
@@ -434,7 +431,7 @@ class IdridDataset(Dataset):
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else 0
             rank = int(os.environ.get("RANK", "0"))
-            self.transform.set_seed(seed_for(self.seed, self.epoch, rank, worker))
+            self.transform.set_seed(derived_seed(self.seed, self.epoch, rank, worker) % 2**32)
             self._seeded_for = state
 
     def _read_masks(self, record: IdridRecord, full_size: tuple[int, int]) -> list[np.ndarray]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from moekit.errors import ConfigError
+from moekit.rng import derived_seed
 
 
 def source_weights(
@@ -121,8 +121,7 @@ class BalancedSourceSampler(Sampler[int]):
     def indices(self, epoch: int | None = None) -> list[int]:
         """The indices of ``epoch`` (default: the epoch set by :meth:`set_epoch`)."""
         epoch = self.epoch if epoch is None else int(epoch)
-        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         streams: dict[str, list[int]] = {name: [] for name in self.shares}
         out = []
         for name in self.schedule():

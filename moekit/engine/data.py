@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from moekit.data.collate import collate_samples
 from moekit.data.samplers import BalancedSourceSampler
-from moekit.engine.seeding import derived_seed
 from moekit.errors import ConfigError
+from moekit.rng import derived_seed
 
 SAMPLERS = ("random", "balanced_source")
 

@@ -32,6 +32,7 @@ from moekit.registry import (
     MODELS,
     TASK_LOSSES,
     WEIGHTINGS,
+    accepted_kwargs,
     import_builtins,
 )
 from moekit.types import Task, tasks_from_config
@@ -54,10 +55,6 @@ class Experiment:
     routing_schedule: list[Phase]
     freeze_schedule: list[Phase]
     mtl_delta: Any | None
-
-    @property
-    def train(self) -> dict[str, Any]:
-        return train_settings(self.cfg)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -96,9 +93,15 @@ def build_task_losses(tasks: Mapping[str, Task]) -> dict[str, list[tuple[float, 
 
 
 def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
+    """The ``data.<split>`` dataset. One that takes a ``seed`` (augmentation, validation split,
+    generated samples) and is given none gets the config's top-level ``seed``."""
     spec = section(cfg, "data", DATA)[split]
     if spec is None:
         raise ConfigError(f"config key 'data.{split}': the config defines no {split} dataset")
+    if isinstance(spec, Mapping) and "type" in spec:
+        accepted, _ = accepted_kwargs(DATASETS.get(spec["type"]))
+        if "seed" in accepted and "seed" not in spec:
+            return DATASETS.build(spec, seed=int(cfg.get("seed", 0)))
     return DATASETS.build(spec)
 
 

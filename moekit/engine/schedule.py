@@ -91,12 +91,8 @@ def router_config(phase: Phase, key: str) -> tuple[dict[str, Any], str | None]:
 
 def apply_routing(model: nn.Module, phase: Phase, key: str) -> int:
     """Switch the model's MoE layers to the phase's router; returns the layers changed."""
-    try:
-        from moekit.moe import set_routing
-    except ImportError:
-        raise ConfigError(
-            f"config key '{key}': this moekit has no moekit.moe.set_routing"
-        ) from None
+    from moekit.moe import set_routing
+
     router, layers = router_config(phase, key)
     changed = set_routing(model, router, layers)
     if not changed:

@@ -24,9 +24,3 @@ def seed_everything(seed: int, deterministic: bool | str = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that is a fixed function of ``parts`` (seed, epoch, process, ...)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moekit.config_check import check_types
 from moekit.engine import checkpoint, finetune
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
@@ -58,6 +60,7 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> None:
         self.cfg = finetune.resolve(cfg) if resume is None else dict(cfg)
+        check_types(self.cfg)  # a typo in a type: fails naming its key, before any file
         self.settings = train_settings(self.cfg)
         if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
             self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
@@ -77,8 +80,11 @@ class Trainer:
         self.log = self.run.open_log(acc.is_main_process)
         try:
             self._setup(evaluation, resume)
-        except BaseException:
+        except BaseException as exc:
+            self.log.error(f"setup failed: {type(exc).__name__}: {exc}")
             close_log(self.log)
+            if target is None and acc.is_main_process:  # an auto-named run that never began
+                shutil.rmtree(self.run.path, ignore_errors=True)
             raise
 
     def _setup(self, evaluation: Mapping[str, Any], resume: str | Path | None) -> None:
@@ -128,16 +134,19 @@ class Trainer:
         has_val = "val" in self.loaders
         monitor = evaluation["monitor"] or ("val/loss" if has_val else "train/loss")
         split, _, column = monitor.partition("/")
-        columns = MetricTracker(self.exp.tasks, self.exp.mtl_delta).compute()
+        columns = list(MetricTracker(self.exp.tasks, self.exp.mtl_delta).compute())
+        minimised = ["objective", *(f"aux/{term.name}" for term in self.exp.objective.aux_terms)]
+        if split == "train":
+            columns += minimised  # logged by training only
         if split not in self.loaders or column not in columns:
             splits = list(self.loaders)
-            valid = ", ".join(f"{s}/{c}" for s in splits for c in list(columns)[:6])
+            valid = ", ".join(f"{s}/{c}" for s in splits for c in columns[:6])
             raise ConfigError(f"config key 'eval.monitor': '{monitor}' is not logged; e.g. {valid}")
         mode = evaluation["mode"]
         if mode is None:
             directions = metric_directions(self.exp.tasks)
             task_metric = "/".join(column.split("/")[:2])
-            if column == "loss" or column.endswith("/loss"):
+            if column == "loss" or column.endswith("/loss") or column in minimised:
                 mode = "min"
             elif column.startswith("mtl_delta/"):
                 mode = "max"
@@ -199,6 +208,14 @@ class Trainer:
             status = "failed"
             self.log.error(str(exc))
             raise
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self.log.error("interrupted (KeyboardInterrupt); resume with --resume")
+            raise
+        except BaseException as exc:
+            status = "failed"
+            self.log.error(f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             summary = self._finish(status)
         return summary
@@ -218,10 +235,14 @@ class Trainer:
         improved = self._update_best(rows)
         if acc.is_main_process:
             self.run.write_metrics(self.history)
-        last = self.run.checkpoints / "last"
-        checkpoint.save(acc, self.objective, last, self.state, self.cfg)
+        last, best = self.run.checkpoints / "last", self.run.checkpoints / "best"
         if improved and self.settings["save_best"]:
-            checkpoint.copy(acc, last, self.run.checkpoints / "best")
+            # best first: a kill between the two saves leaves last one epoch behind (resume
+            # redoes that epoch), never a best older than the state in last says
+            checkpoint.save(acc, self.objective, best, self.state, self.cfg)
+            checkpoint.copy(acc, best, last)
+        else:
+            checkpoint.save(acc, self.objective, last, self.state, self.cfg)
         if acc.is_main_process:
             self.run.write_summary(self._summary("running"))
         if self.settings["log_with"]:
@@ -246,6 +267,7 @@ class Trainer:
         sums = torch.zeros(1 + len(bare.aux_terms), device=acc.device)
         batches = 0
         clip = self.settings["clip_grad"]
+        used_lr = [group["lr"] for group in self.optimizer.param_groups]
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
@@ -261,6 +283,7 @@ class Trainer:
                 acc.backward(out.loss)
                 if acc.sync_gradients and clip:
                     acc.clip_grad_norm_(self.objective.parameters(), float(clip))
+                used_lr = [group["lr"] for group in self.optimizer.param_groups]
                 self.optimizer.step()
                 if acc.sync_gradients:
                     if not self.optimizer.step_was_skipped:
@@ -281,8 +304,8 @@ class Trainer:
         values["objective"] = means[0]
         values.update({f"aux/{a.name}": m for a, m in zip(bare.aux_terms, means[1:])})
         values.update({f"{t}/weight": w for t, w in bare.weighting.weights().items()})
-        for group in self.optimizer.param_groups:
-            values[f"lr/{group.get('name', 'default')}"] = group["lr"]
+        for group, lr in zip(self.optimizer.param_groups, used_lr, strict=True):
+            values[f"lr/{group.get('name', 'default')}"] = lr  # of the epoch's last step
         return values
 
     def _nan_task(self, step: int) -> str | None:

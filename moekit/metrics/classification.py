@@ -64,9 +64,12 @@ class Accuracy(Metric):
 class PerClassMetric(Metric):
     """Precision, recall or F1 per class from true/false positives and false negatives.
 
-    ``average: macro`` (default) is the mean of the per-class scores over the classes where the
-    score is defined (NaN where a class never occurs in predictions or targets); ``micro``
-    pools the counts of all classes first. Per-class scores are reported under the class names.
+    ``average: macro`` (default) is the mean of the per-class scores over the classes that occur
+    in the targets or the predictions; a class that occurs but whose score is ``0 / 0`` (a
+    class never predicted has no precision) scores ``zero_division`` (0, as scikit-learn's
+    ``zero_division=0``; ``null`` leaves it out of the mean). A class absent from both is
+    reported as NaN and left out. ``micro`` pools the counts of all classes first. Per-class
+    scores are reported under the class names.
     """
 
     higher_is_better = True
@@ -78,9 +81,11 @@ class PerClassMetric(Metric):
         threshold: float = 0.5,
         average: Literal["macro", "micro"] = "macro",
         ignore_index: int | None = None,
+        zero_division: float | None = 0.0,
     ) -> None:
         if average not in ("macro", "micro"):
             raise ConfigError(f"{type(self).__name__}.average: '{average}' is not macro or micro")
+        self.zero_division = zero_division
         self.threshold = float(threshold)
         self.average = average
         self.ignore_index = ignore_index
@@ -103,6 +108,10 @@ class PerClassMetric(Metric):
     def reduce(self, total: Tensor) -> dict[str, float]:
         tp, fp, fn = total.view(3, self.num_classes)
         per_class = self.score(tp, fp, fn)
+        occurs = tp + fp + fn > 0
+        if self.zero_division is not None:
+            undefined = occurs & torch.isnan(per_class)
+            per_class = torch.where(undefined, float(self.zero_division), per_class)
         if self.average == "micro":
             main = float(self.score(tp.sum(), fp.sum(), fn.sum()))
         else:
