@@ -19,8 +19,10 @@ def numpy_mi(probs: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> float:
     """Mod-Squad eq. 5 with P(E|T) the mean soft assignment of task T's tokens."""
     p_t = np.array([(task_ids == t).mean() for t in range(num_tasks)])
     p_e_t = np.stack(
-        [probs[task_ids == t].mean(0) if (task_ids == t).any() else np.zeros(probs.shape[1])
-         for t in range(num_tasks)]
+        [
+            probs[task_ids == t].mean(0) if (task_ids == t).any() else np.zeros(probs.shape[1])
+            for t in range(num_tasks)
+        ]
     )
     joint = p_e_t * p_t[:, None]
     p_e = joint.sum(0)
@@ -35,9 +37,12 @@ def numpy_cmi(probs, modality_ids, task_ids, num_modalities, num_tasks) -> float
             continue
         p_m = np.array([(modality_ids[in_task] == m).mean() for m in range(num_modalities)])
         p_e_m = np.stack(
-            [probs[in_task & (modality_ids == m)].mean(0)
-             if (in_task & (modality_ids == m)).any() else np.zeros(probs.shape[1])
-             for m in range(num_modalities)]
+            [
+                probs[in_task & (modality_ids == m)].mean(0)
+                if (in_task & (modality_ids == m)).any()
+                else np.zeros(probs.shape[1])
+                for m in range(num_modalities)
+            ]
         )
         joint = p_e_m * p_m[:, None]
         p_e = joint.sum(0)
@@ -142,8 +147,9 @@ def test_mutual_information_loss_respects_valid_and_normalises_sigmoid_scores():
     loss = AUX_LOSSES.build({"type": "mutual_information"})
     got = loss([record(scores, task_ids, valid=valid)])
     normalised = (scores / scores.sum(-1, keepdim=True))[:12]
-    assert got.item() == pytest.approx(-numpy_mi(normalised.numpy(), task_ids[:12].numpy(), 2),
-                                       abs=1e-5)
+    assert got.item() == pytest.approx(
+        -numpy_mi(normalised.numpy(), task_ids[:12].numpy(), 2), abs=1e-5
+    )
 
 
 def test_conditional_mutual_information_matches_numpy():
@@ -195,8 +201,9 @@ def test_importance_cv2_and_z_loss():
     logits = torch.randn(10, 5) * 50
     expected_z = (np.log(np.exp(logits.double().numpy()).sum(-1)) ** 2).mean()
     assert z_loss(logits).item() == pytest.approx(expected_z, rel=1e-5)
-    rec = RoutingRecord("x", Routing(logits.softmax(-1), logits, rec.routing.index[:10],
-                                     rec.routing.weight[:10]))
+    rec = RoutingRecord(
+        "x", Routing(logits.softmax(-1), logits, rec.routing.index[:10], rec.routing.weight[:10])
+    )
     assert AUX_LOSSES.build("z_loss")([rec]).item() == pytest.approx(expected_z, rel=1e-5)
 
 

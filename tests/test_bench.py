@@ -29,9 +29,29 @@ def test_bench_returns_numbers_and_markdown_rows():
 
 def test_bench_command_prints_the_table(capsys):
     assert "moe" in sections()
-    args = ["--batch", "1", "--tokens", "4", "--dim", "8", "--experts", "4", "--k", "2",
-            "--hidden", "4", "--reps", "1", "--warmup", "0", "--p", "0.5", "--threads", "1",
-            "--no-masked"]
+    args = [
+        "--batch",
+        "1",
+        "--tokens",
+        "4",
+        "--dim",
+        "8",
+        "--experts",
+        "4",
+        "--k",
+        "2",
+        "--hidden",
+        "4",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--p",
+        "0.5",
+        "--threads",
+        "1",
+        "--no-masked",
+    ]
     assert main(["bench", "moe", *args]) == 0
     out = capsys.readouterr().out
     assert "| dense MLP, hidden 8 |" in out

@@ -27,8 +27,9 @@ def test_plan_sorts_pairs_by_expert_and_skips_empty_slots():
     assert plan.offsets().tolist() == [2, 3, 6, 6]
     y = torch.arange(6.0).unsqueeze(1)
     combined = plan.combine(y)
-    torch.testing.assert_close(combined[:, 0], torch.tensor([0.3 * 0 + 0.5 * 3, 0.9 * 2,
-                                                               0.7 * 4, 0.6 * 1 + 0.2 * 5]))
+    torch.testing.assert_close(
+        combined[:, 0], torch.tensor([0.3 * 0 + 0.5 * 3, 0.9 * 2, 0.7 * 4, 0.6 * 1 + 0.2 * 5])
+    )
 
 
 def test_capacity_keeps_the_first_pairs_of_each_expert_in_token_order():
@@ -62,8 +63,9 @@ def test_strategies_agree_on_grouped_linear(d_in, d_out, bias):
     for name in STRATEGIES:
         y = grouped_linear(x, weight, b, plan, name)
         results[name] = (y, torch.autograd.grad(y, params, grad, retain_graph=True))
-    expected = torch.stack([x[p] @ weight[e] + (b[e] if bias else 0)
-                            for p, e in enumerate(plan.expert.tolist())])
+    expected = torch.stack(
+        [x[p] @ weight[e] + (b[e] if bias else 0) for p, e in enumerate(plan.expert.tolist())]
+    )
     for y, grads in results.values():
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         for g, g_ref in zip(grads, results["loop"][1], strict=True):

@@ -222,8 +222,9 @@ def test_moe_modules_builds_experts_from_config_and_needs_dim():
 
     if "moekit_test_head" not in EXPERTS:
         EXPERTS.register("moekit_test_head")(Head)
-    layer = MoEModules({"type": "moekit_test_head", "num_experts": 3, "channels": 2},
-                       {"type": "softmax"}, dim=2)
+    layer = MoEModules(
+        {"type": "moekit_test_head", "num_experts": 3, "channels": 2}, {"type": "softmax"}, dim=2
+    )
     assert len(layer.experts) == 3 and layer.num_experts == 3
     with pytest.raises(ConfigError, match="dim"):
         MoEModules([Head()], {"type": "softmax"})

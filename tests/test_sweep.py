@@ -64,13 +64,17 @@ def test_variants_grid_profiles_and_config(tmp_path):
         ({"variants": {"a": []}, "colums": {}}, "unknown key 'colums'; did you mean 'columns'"),
         ({"variants": {"a": []}, "columns": {"x": "flop"}}, "did you mean 'flops'"),
         (
-            {"variants": {"p": {"prune": {"from": "a", "task": "cls", "threshold": 0}}},
-             "columns": {"x": "params"}},
+            {
+                "variants": {"p": {"prune": {"from": "a", "task": "cls", "threshold": 0}}},
+                "columns": {"x": "params"},
+            },
             "'a' is not an earlier variant",
         ),
         (
-            {"variants": {"a": []},
-             "columns": {"d": {"delta": {"baselines": {"cls/accuracy": "stl"}}}}},
+            {
+                "variants": {"a": []},
+                "columns": {"d": {"delta": {"baselines": {"cls/accuracy": "stl"}}}},
+            },
             "'stl' is not a variant",
         ),
         ({"variants": {"a": ["no_equals_sign"]}, "columns": {"x": "params"}}, "key=value"),
@@ -83,9 +87,7 @@ def test_bad_studies_fail_naming_the_key(tmp_path, study, message):
 
 
 def test_unknown_profile_lists_the_profiles(tmp_path):
-    path = write_study(
-        tmp_path, variants={"a": []}, columns={"x": "params"}, profiles={"cpu": {}}
-    )
+    path = write_study(tmp_path, variants={"a": []}, columns={"x": "params"}, profiles={"cpu": {}})
     with pytest.raises(ConfigError, match=r"no profile 'gpu'.*; profiles: cpu"):
         load_study(path, "gpu")
 
@@ -143,8 +145,12 @@ def test_results_table_mean_std_best_and_delta(tmp_path):
         base_acc = np.mean([values["stl", s][0] for s in range(3)])
         base_dice = np.mean([values["stl", s][1] for s in range(3)])
         deltas = [
-            100 * ((values[variant, s][0] - base_acc) / base_acc
-                   + (values[variant, s][1] - base_dice) / base_dice) / 2
+            100
+            * (
+                (values[variant, s][0] - base_acc) / base_acc
+                + (values[variant, s][1] - base_dice) / base_dice
+            )
+            / 2
             for s in range(3)
         ]
         assert frame.loc[variant, "delta"] == pytest.approx(np.mean(deltas))

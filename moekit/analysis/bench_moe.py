@@ -55,8 +55,7 @@ class BenchReport:
             "|---|---:|---:|",
             *(f"| {r['name']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in self.train),
             "",
-            "| inference routing | mean experts / token | median ms | time ratio | "
-            "expert ratio |",
+            "| inference routing | mean experts / token | median ms | time ratio | expert ratio |",
             "|---|---:|---:|---:|---:|",
             *(
                 f"| {r['name']} | {r['experts']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
@@ -137,8 +136,20 @@ def run(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _measure(batch, tokens, dim, experts, k, hidden, reps, warmup, p_values,
-                            threads, torch.device(device), masked)
+            return _measure(
+                batch,
+                tokens,
+                dim,
+                experts,
+                k,
+                hidden,
+                reps,
+                warmup,
+                p_values,
+                threads,
+                torch.device(device),
+                masked,
+            )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -158,8 +169,15 @@ def _measure(
     masked: bool,
 ) -> BenchReport:
     settings = dict(
-        batch=batch, tokens=tokens, dim=dim, experts=experts, k=k, hidden=hidden, reps=reps,
-        device=str(dev), threads=threads,
+        batch=batch,
+        tokens=tokens,
+        dim=dim,
+        experts=experts,
+        k=k,
+        hidden=hidden,
+        reps=reps,
+        device=str(dev),
+        threads=threads,
     )
     report = BenchReport(settings)
     x = torch.randn(batch, tokens, dim, device=dev)
@@ -226,8 +244,12 @@ def _measure(
             _train_step(module, x, grad)()
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in module.parameters())
         report.memory.append(
-            dict(name=labels[name], key=name, peak_mib=tracker.peak / 2**20,
-                 grad_mib=grad_bytes / 2**20)
+            dict(
+                name=labels[name],
+                key=name,
+                peak_mib=tracker.peak / 2**20,
+                grad_mib=grad_bytes / 2**20,
+            )
         )
     for row in report.memory:
         row["ratio"] = row["peak_mib"] / report.memory[0]["peak_mib"]
@@ -257,9 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     report = run(
-        batch=args.batch, tokens=args.tokens, dim=args.dim, experts=args.experts, k=args.k,
-        hidden=args.hidden, reps=args.reps, warmup=args.warmup, p_values=args.p,
-        threads=args.threads, device=args.device, masked=not args.no_masked,
+        batch=args.batch,
+        tokens=args.tokens,
+        dim=args.dim,
+        experts=args.experts,
+        k=args.k,
+        hidden=args.hidden,
+        reps=args.reps,
+        warmup=args.warmup,
+        p_values=args.p,
+        threads=args.threads,
+        device=args.device,
+        masked=not args.no_masked,
     )
     print(report.markdown())
     return 0
