@@ -66,7 +66,7 @@ COLUMN_KINDS: dict[str, bool | None] = {
     "delta": True,
 }
 """Column kinds and the direction of each (``None``: the metric's own, or no best value)."""
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.=,+-]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.=,+%-]+$")
 
 
 def _check_keys(node: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
@@ -251,7 +251,7 @@ def _parse_variants(
             full = "-".join(part for part in (str(name), suffix) if part)
             if not NAME_PATTERN.match(full):
                 raise ConfigError(
-                    f"{vwhere}: variant name '{full}' must use letters, digits and _ . = , + -"
+                    f"{vwhere}: variant name '{full}' must use letters, digits and _ . = , + % -"
                 )
             if any(v.name == full for v in variants):
                 raise ConfigError(f"{vwhere}: variant '{full}' is defined twice")
@@ -350,7 +350,7 @@ def load_study(
     _check_keys(data, STUDY_KEYS, where)
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ConfigError(f"{where}: name '{name}' must use letters, digits and _ . = , + -")
+        raise ConfigError(f"{where}: name '{name}' must use letters, digits and _ . = , + % -")
     root = path.parent
     base = _paths(data.get("base"), root, f"{where}.base")
     defaults = {
