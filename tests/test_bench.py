@@ -57,3 +57,16 @@ def test_bench_command_prints_the_table(capsys):
     assert "| dense MLP, hidden 8 |" in out
     assert "top-p, p=0.5" in out
     assert "dense masked" not in out
+
+
+def test_bench_prune_measures_full_and_extracted_models():
+    from moekit.analysis import bench_prune
+
+    result = bench_prune.run(keep_tops=(0.25,), profile_batches=1, reps=1, warmup=0, threads=1)
+    rows = {row["name"]: row for row in result["rows"]}
+    full, alone = rows["full, all tasks"], rows["full, shape only"]
+    extracted = rows["shape extracted, keep top 25%, reduce k"]
+    assert alone["ratio"] == 1.0 and full["params"] == alone["params"]
+    assert extracted["params"] < 0.5 * full["params"], "a quarter of the experts are kept"
+    assert extracted["flops"] <= alone["flops"] < full["flops"]
+    assert "| shape extracted, keep top 25%, reduce k |" in bench_prune.markdown(result)
