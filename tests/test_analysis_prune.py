@@ -1,5 +1,6 @@
 """Per-task extraction: layer surgery, expert choice, model extraction, the prune command."""
 
+import copy
 import json
 
 import pytest
@@ -7,16 +8,23 @@ import torch
 from analysis_run import trained_run
 from torch import nn
 
-from moekit.analysis.extract import TaskExtraction
-from moekit.analysis.prune import check_rule, experts_to_keep, prune_model, pruned_config
+from moekit.analysis.extract import PAPER_THRESHOLDS, TaskExtraction
+from moekit.analysis.prune import (
+    check_rule,
+    experts_to_keep,
+    prune_model,
+    pruned_config,
+    usage_row,
+)
 from moekit.analysis.runs import only_task
-from moekit.analysis.usage import collect_usage
+from moekit.analysis.usage import ExpertUsage, collect_usage
 from moekit.cli import main
 from moekit.data.multitask_shapes import multitask_shapes_tasks
 from moekit.engine import load_model
 from moekit.errors import ConfigError
 from moekit.moe import MoEAttention, MoEMLP, MoEModules
 from moekit.registry import MODELS, import_builtins
+from moekit.routing.types import Routing, RoutingRecord
 from moekit.types import Batch, tasks_from_config
 
 import_builtins()
@@ -50,28 +58,87 @@ def test_keeping_the_selected_experts_reproduces_the_layer(kind):
     assert set(record.routing.index.flatten().tolist()) <= {-1, *used}  # router ids
 
 
-def test_a_removed_expert_contributes_nothing():
+def test_an_extracted_layer_selects_the_best_kept_experts_with_full_softmax_weights():
     torch.manual_seed(0)
-    layer = MoEMLP(dim=8, hidden=8, num_experts=4, router={"type": "topk", "k": 2}).eval()
-    x = torch.randn(6, 8)
+    layer = MoEMLP(dim=8, hidden=8, num_experts=5, router={"type": "topk", "k": 2}).eval()
+    x = torch.randn(40, 8)
+    kept = [0, 1, 3]
     with torch.no_grad():
-        _, record = layer(x)
-        index, weight = record.routing.index, record.routing.weight
-        layer.keep_experts([0, 1])
-        y, pruned = layer(x)
-    expected = torch.zeros_like(y)
-    for i in range(6):
-        for slot in range(2):
-            e = int(index[i, slot])
-            if e in (0, 1):
-                h = layer.act(layer.fc1.expert(e, x[i]))
-                expected[i] += weight[i, slot] * layer.fc2.expert(e, h)
+        probs = layer.router(x).probs
+        assert (probs.topk(2).indices == 2).any()  # some tokens preferred a removed expert
+        layer.keep_experts(kept)
+        y, record = layer(x)
+        expected = torch.zeros_like(y)
+        for i in range(len(x)):
+            best = sorted(kept, key=lambda e: -float(probs[i, e]))[:2]
+            for e in best:  # the kept experts' full-softmax probabilities, not renormalized
+                h = layer.act(layer.fc1.expert(kept.index(e), x[i]))
+                expected[i] += probs[i, e] * layer.fc2.expert(kept.index(e), h)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
-    assert not (pruned.routing.index >= 2).any()
+    torch.testing.assert_close(record.routing.probs, probs)  # scores over all 5 experts
+    assert record.routing.num_selected().tolist() == [2] * len(x)
+    assert set(record.routing.index.flatten().tolist()) <= set(kept)
     with pytest.raises(ConfigError, match="already removed"):
         layer.keep_experts([2])
-    with pytest.raises(ConfigError, match=r"subset of 0\.\.3"):
-        layer.keep_experts([4])
+    with pytest.raises(ConfigError, match=r"subset of 0\.\.4"):
+        layer.keep_experts([5])
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        {"type": "topk", "k": 3},
+        {"type": "topk", "k": 3, "renormalize": True},
+        {"type": "top_p", "p": 0.5},
+        {"type": "top_p", "p": 0.5, "max_k": 3, "renormalize": True},
+        {"type": "softmax"},
+    ],
+)
+def test_every_rule_selects_among_the_kept_experts_only(router):
+    torch.manual_seed(1)
+    layer = MoEMLP(dim=8, hidden=8, num_experts=6, router=router).eval()
+    x = torch.randn(30, 8)
+    kept = [1, 2, 4, 5]
+    with torch.no_grad():
+        layer.keep_experts(kept)
+        _, record = layer(x)
+    routing = record.routing
+    masked = routing.probs.masked_fill(~torch.isin(torch.arange(6), torch.tensor(kept)), 0.0)
+    index, weight = layer.router.select(masked)  # the rule on the kept experts' scores
+    weight = torch.where(index >= 0, weight, 0.0)
+    assert set(routing.index.flatten().tolist()) <= {-1, *kept}
+    assert (routing.num_selected() >= 1).all()
+    torch.testing.assert_close(
+        routing.dense_weight(), torch.zeros(30, 7).scatter_add_(1, index % 7, weight)[:, :6]
+    )
+
+
+def test_keep_top_with_reduce_k_gives_every_token_exactly_k_kept_experts():
+    torch.manual_seed(0)
+    cfg = {**VIT, "attention": {"num_experts": 10, "router": {"type": "topk", "k": 5}}}
+    model = MODELS.build(cfg, tasks=tasks_from_config({"tasks": multitask_shapes_tasks()}))
+    model.eval()
+    images = [torch.randn(3, 3, 16, 16) for _ in range(2)]
+    usage = collect_usage(model, [Batch(x, {}, {}) for x in images], list(multitask_shapes_tasks()))
+    for reduce_k in (True, False):
+        pruned, specs = prune_model(model, usage, "depth", keep_top=0.3, reduce_k=reduce_k)
+        with torch.no_grad():
+            records = pruned(images[0]).routing
+        for record in records:
+            spec = specs[record.layer]
+            k = record.routing.index.shape[1]
+            expected = min(len(spec["experts"]), layer_k(cfg, record.layer))
+            assert k == (expected if reduce_k else layer_k(cfg, record.layer))
+            assert record.routing.num_selected().tolist() == [expected] * len(record.routing.index)
+            assert set(record.routing.index.flatten().tolist()) <= {-1, *spec["experts"]}
+        if reduce_k:
+            assert specs["blocks.0.attn"]["router"]["k"] == 3  # ceil(0.3 * 10) experts kept
+            reduced = task_outputs(pruned, images, "depth")
+    torch.testing.assert_close(task_outputs(pruned, images, "depth"), reduced)
+
+
+def layer_k(cfg, layer):
+    return cfg["attention" if layer.endswith("attn") else "mlp"]["router"]["k"]
 
 
 def test_module_experts_keep_a_subset():
@@ -85,24 +152,51 @@ def test_module_experts_keep_a_subset():
         layer.keep_experts(used)
         torch.testing.assert_close(layer(x)[0], full)
         assert len(layer.experts) == len(used)
-        layer.keep_experts(used[:1])  # samples of the removed experts now get zeros
-        out, _ = layer(torch.randn(2, 4))
-    assert out.shape == (2, 3)
+        layer.keep_experts(used[:1])  # every sample now selects the one expert left
+        z = torch.randn(2, 4)
+        out, record = layer(z)
+    assert out.shape == (2, 3) and record.routing.index.flatten().tolist() == used[:1] * 2
+    torch.testing.assert_close(out, record.routing.weight * layer.experts[0](z))
 
 
 def test_expert_choice_rules():
-    count = torch.tensor([50.0, 0.0, 30.0, 15.0, 5.0])
+    # 50 tokens, top-2: expert e was selected by count[e] of them (usage frequency count / 50)
+    count, tokens = torch.tensor([50.0, 0.0, 30.0, 15.0, 5.0]), 50.0
     everyone = list(range(5))
-    assert experts_to_keep(count, everyone, threshold=0.0) == [0, 2, 3, 4]
-    assert experts_to_keep(count, everyone, threshold=0.1) == [0, 2, 3]
-    assert experts_to_keep(count, everyone, threshold=0.99) == [0]  # the most used stays
+
+    def theta(value):
+        return experts_to_keep(count, everyone, threshold=value, tokens=tokens)
+
+    assert theta(0.0) == [0, 2, 3, 4]  # the never-selected expert goes
+    assert theta(0.1) == [0, 2, 3, 4]  # 5 / 50 = 10% of the tokens
+    assert theta(0.2) == [0, 2, 3]
+    assert theta(0.5) == [0, 2]  # used by at least half the tokens
+    assert theta(0.9) == [0]  # used by (nearly) every token
+    sets = {tuple(theta(t)) for t in PAPER_THRESHOLDS}
+    assert len(sets) == 4  # the paper's 0.5 and 0.9 are different rules
+    assert experts_to_keep(torch.tensor([0.0, 1.0]), [0, 1], threshold=1.0, tokens=5) == [1]
     assert experts_to_keep(count, everyone, keep_top=0.4) == [0, 2]
     assert experts_to_keep(count, everyone, keep_top=1.0) == everyone
     assert experts_to_keep(count, [1, 3, 4], keep_top=0.3) == [3]
+    with pytest.raises(ConfigError, match="number of tokens"):
+        experts_to_keep(count, everyone, threshold=0.1)
     with pytest.raises(ConfigError, match="exactly one"):
         check_rule(None, None)
     with pytest.raises(ConfigError, match=r"0\.4 = 40%"):
         check_rule(None, 40)
+
+
+def test_thresholds_use_the_usage_frequency_of_the_profiling_tokens():
+    usage = ExpertUsage(["a", "b"])
+    # task b: 4 tokens, top-2: expert 0 used by all 4, expert 1 by 3, expert 2 by 1
+    index = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 2], [3, 1]])
+    probs = torch.full((5, 4), 0.25)
+    routing = Routing(probs, probs.log(), index, torch.full((5, 2), 0.25))
+    usage.update([RoutingRecord("moe", routing, task_ids=torch.tensor([1, 1, 1, 1, 0]))])
+    count, tokens = usage_row(usage, "moe", "b")
+    assert count.tolist() == [4.0, 3.0, 1.0, 0.0] and tokens == 4.0
+    assert experts_to_keep(count, [0, 1, 2, 3], threshold=0.75, tokens=tokens) == [0, 1]
+    assert experts_to_keep(count, [0, 1, 2, 3], threshold=0.0, tokens=tokens) == [0, 1, 2]
 
 
 VIT = {
@@ -232,15 +326,34 @@ def test_prune_command_at_theta_zero(tmp_path_factory, tmp_path, capsys):
 
 def test_larger_threshold_keep_top_and_reduce_k_shrink_more(extraction, tmp_path):
     zero = extraction.extract(threshold=0.0, out=tmp_path / "zero")
-    high = extraction.extract(threshold=0.6, out=tmp_path / "high")
     assert zero["max_abs_diff"] < 1e-5
-    assert high["params_after"] < zero["params_after"]
-    assert [row["experts_after"] for row in high["layers"]] == [1]
     top = extraction.extract(keep_top=0.2, reduce_k=True, out=tmp_path / "top")
     assert top["layers"][0]["k_after"] == top["layers"][0]["experts_after"] == 2
     # pruning a pruned model again
     again = TaskExtraction(tmp_path / "top", "seg", split="test", profile_split="val")
     assert again.extract(threshold=0.0, out=tmp_path / "again")["max_abs_diff"] < 1e-5
+
+
+def test_thresholds_on_a_known_usage(extraction, tmp_path):
+    # seg's usage frequencies in the MoE block: 1.0, 0.75, 0.25 and three unused experts
+    usage = copy.deepcopy(extraction.usage)
+    stats = usage.layers["moe"]
+    seg = usage.tasks.index("seg")
+    stats.count[seg] = torch.tensor([16.0, 0.0, 12.0, 0.0, 4.0, 0.0])
+    stats.tokens[seg] = 16.0
+    usage.save(tmp_path / "usage")
+    known = TaskExtraction(extraction.run.path, "seg", "test", "val", usage=tmp_path / "usage")
+    reports = {t: known.extract(threshold=t, out=tmp_path / f"theta{t}") for t in (0, 0.5, 0.9)}
+    assert {t: r["layers"][0]["kept"] for t, r in reports.items()} == {
+        0: [0, 2, 4],
+        0.5: [0, 2],
+        0.9: [0],
+    }
+    params = [r["params_after"] for r in reports.values()]
+    assert params[0] > params[1] > params[2]
+    # k = 2: a token uses both kept experts at θ = 0.5, the one left at θ = 0.9
+    assert reports[0.5]["active_params_after"] == reports[0.5]["active_params_before"]
+    assert reports[0.9]["active_params_after"] < reports[0.9]["active_params_before"]
 
 
 def test_sweep_draws_the_pruning_curve(extraction, tmp_path):

@@ -53,6 +53,24 @@ def test_counts_weights_and_histogram_match_a_plain_loop():
     assert layer.mean_selected() == pytest.approx(float((hist * torch.arange(6)).sum() / 48))
 
 
+def test_selected_table_of_layers_with_different_expert_counts_has_no_nan(tmp_path):
+    usage = ExpertUsage(["a", "b", "c"])
+    for seed, (name, experts) in enumerate([("wide", 6), ("moe", 4)]):
+        r = random_records(seed, num_experts=experts)
+        r.layer = name
+        usage.update([r])
+    usage.update([record([[0, 1]], [[0.5, 0.5]], layer="small", num_experts=2)])
+    frame = usage.selected_frame()
+    columns = [c for c in frame.columns if c.startswith("k=")]
+    assert columns == [f"k={k}" for k in range(7)]  # up to the widest layer's 6 experts
+    assert not frame.isna()[columns].any().any()
+    assert all(frame[c].dtype.kind == "i" for c in columns)
+    small = frame.set_index("layer").loc["small"]
+    assert small["k=2"] == 1 and small[[f"k={k}" for k in range(3, 7)]].sum() == 0
+    usage.save(tmp_path)
+    assert "nan" not in (tmp_path / "selected.csv").read_text().lower()
+
+
 def test_invalid_tokens_are_not_counted_and_taskless_layers_have_one_row():
     valid = torch.tensor([True, False])
     usage = ExpertUsage(["a", "b"])

@@ -1,13 +1,16 @@
 """Figures: moekit viz on a trained run, heatmaps of single-gate layers, pruning curves."""
 
 import pandas as pd
+import pytest
 import torch
 from analysis_run import trained_run
 
+from moekit.analysis import figures
 from moekit.analysis.figures import plot_pruning_curve, plot_usage_heatmaps
 from moekit.analysis.predictions import dense_map, display_image
 from moekit.analysis.usage import ExpertUsage
 from moekit.cli import main
+from moekit.engine import curves
 from moekit.routing.types import Routing, RoutingRecord
 from moekit.types import Task
 
@@ -39,6 +42,57 @@ def test_single_gate_layers_share_one_heatmap(tmp_path):
         usage.update([RoutingRecord(layer, routing)])
     written = plot_usage_heatmaps(usage, tmp_path)
     assert [p.name for p in written] == ["usage_single_gate_layers.png"]
+
+
+@pytest.fixture
+def axis_labels(monkeypatch):
+    """The y labels and titles figures set (recorded from matplotlib's Axes)."""
+    from matplotlib.axes import Axes
+
+    seen = {"ylabel": [], "title": []}
+    for name in seen:
+        setter = getattr(Axes, f"set_{name}")
+
+        def record(self, text, *args, _setter=setter, _name=name, **kwargs):
+            seen[_name].append(str(text))
+            return _setter(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(Axes, f"set_{name}", record)
+    return seen
+
+
+def test_one_agg_setup_and_labelled_training_curves(tmp_path, axis_labels):
+    assert figures.pyplot is curves.pyplot
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(
+        "epoch,split,loss,seg/dice,lr/default\n1,train,2.0,0.1,0.1\n2,val,1.5,0.3,\n"
+    )
+    written = curves.plot_curves(metrics, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "seg_dice.png", "lr.png"]
+    assert axis_labels["ylabel"] == ["loss", "dice", "learning rate"]
+
+
+@pytest.mark.parametrize(
+    "metric,higher,text",
+    [("test/seg/dice", True, "higher is better"), ("test/seg/loss", None, "lower is better")],
+)
+def test_pruning_curve_says_which_way_is_better(tmp_path, axis_labels, metric, higher, text):
+    frame = pd.DataFrame(
+        {
+            "task": "seg",
+            "metric": metric,
+            "params_before": 1000,
+            "metric_before": 0.9,
+            "threshold": [0.0],
+            "keep_top": [None],
+            "params_after": [800],
+            "metric_after": [0.9],
+        }
+    )
+    if higher is not None:
+        frame["higher_is_better"] = higher
+    plot_pruning_curve(frame, tmp_path / "curve.png")
+    assert text in axis_labels["ylabel"][-1] and text in axis_labels["title"][-1]
 
 
 def test_pruning_curve(tmp_path):

@@ -64,9 +64,10 @@ def test_bench_prune_measures_full_and_extracted_models():
 
     result = bench_prune.run(keep_tops=(0.25,), profile_batches=1, reps=1, warmup=0, threads=1)
     rows = {row["name"]: row for row in result["rows"]}
-    full, alone = rows["full, all tasks"], rows["full, shape only"]
+    full, masked = rows["full, all tasks"], rows["full, shape only"]
+    alone = rows["shape alone, all experts"]
     extracted = rows["shape extracted, keep top 25%, reduce k"]
-    assert alone["ratio"] == 1.0 and full["params"] == alone["params"]
-    assert extracted["params"] < 0.5 * full["params"], "a quarter of the experts are kept"
-    assert extracted["flops"] <= alone["flops"] < full["flops"]
+    assert alone["ratio"] == 1.0 and full["params"] == masked["params"] > alone["params"]
+    assert extracted["params"] < 0.5 * alone["params"], "a quarter of the experts are kept"
+    assert extracted["flops"] <= alone["flops"] < masked["flops"] < full["flops"]
     assert "| shape extracted, keep top 25%, reduce k |" in bench_prune.markdown(result)

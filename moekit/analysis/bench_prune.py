@@ -3,14 +3,16 @@
 Mod-Squad (Chen et al., CVPR 2023, §3.5) extracts a single-task model by keeping the experts the
 task uses: far fewer parameters, and fewer FLOPs only where ``k`` falls with the experts kept
 (``reduce_k``). This benchmark measures both on one process with alternating repetitions:
-inference of the full model running every task, the full model running task ``T`` alone, and
-the models extracted for ``T`` with each keep-top fraction ``H`` (``reduce_k`` on), with their
-parameters and FLOPs per image. Expert usage is counted on the first validation batches.
+inference of the full model running every task, the full model running task ``T`` alone, the
+model reduced to ``T`` with every expert kept (its head, gate rows and task embedding:
+:func:`moekit.analysis.flops.task_model`), and the models extracted for ``T`` with each keep-top
+fraction ``H`` (``reduce_k`` on), with their parameters and FLOPs per image. Expert usage is
+counted on the first validation batches.
 
 By default the model is an untrained ``configs/modsquad/tiny_modsquad.yaml`` (its gates are
 near uniform, so the keep-top rule decides what is kept); ``--run RUN_DIR`` benchmarks a trained
 run instead. Times are medians; ratios are medians of per-repetition ratios to the full model
-running ``T``.
+reduced to ``T`` with every expert.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.analysis.flops import count_flops, count_parameters
+from moekit.analysis.flops import count_flops, count_parameters, task_model
 from moekit.analysis.prune import prune_model
 from moekit.analysis.runs import TrainedRun, check_task, only_task, split_loader, untrained_model
 from moekit.analysis.timing import summarize, time_alternating
@@ -65,9 +67,11 @@ def run(
         inputs = next(iter(loader)).inputs
         batch = inputs.shape[0]
         mask = only_task(names, task, batch, "cpu")
+        baseline = f"{task} alone, all experts"
         models: dict[str, tuple[nn.Module, Any]] = {
             "full, all tasks": (model, None),
             f"full, {task} only": (model, mask),
+            baseline: (task_model(model, task), None),
         }
         for h in keep_tops:
             pruned, _ = prune_model(model, usage, task, keep_top=h, reduce_k=True)
@@ -78,7 +82,7 @@ def run(
             warmup,
             torch.device("cpu"),
         )
-        summary = summarize(times, f"full, {task} only")
+        summary = summarize(times, baseline)
         rows = [
             {
                 "name": name,
@@ -92,6 +96,7 @@ def run(
         settings = {
             "source": run_dir or f"{config} (untrained)",
             "task": task,
+            "baseline": baseline,
             "batch": batch,
             "threads": torch.get_num_threads(),
             "reps": reps,
@@ -103,11 +108,11 @@ def run(
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    full = next(r for r in result["rows"] if r["name"].startswith("full,") and "only" in r["name"])
+    full = next(r for r in result["rows"] if r["name"] == s["baseline"])
     lines = [
         f"Per-task extraction of {s['source']}: task {s['task']}, batch {s['batch']}, cpu, "
         f"{s['threads']} threads, {s['reps']} alternating repetitions; median times, ratios "
-        "are medians of per-repetition ratios to the full model running the task alone.",
+        f"are medians of per-repetition ratios to '{s['baseline']}'.",
         "",
         "| inference | params (M) | params ratio | GFLOPs / image | median ms | time ratio |",
         "|---|---:|---:|---:|---:|---:|",

@@ -4,9 +4,12 @@
 (every sample runs every task) and measures the full model; :meth:`TaskExtraction.extract`
 applies one rule (:func:`moekit.analysis.prune.prune_model`), saves the model and reports
 
-- parameters (all, and active per token), before and after;
-- FLOPs per image (multiply-adds, experts that ran only) on the first profiling batch, with the
-  full model running ``T`` alone;
+- parameters, before (the whole multi-task model, and ``T``'s part of it: the shared layers,
+  every expert, ``T``'s head and gate rows) and after;
+- active parameters per token and FLOPs per image (multiply-adds, experts that ran only) on
+  the first profiling batch, before and after, both for ``T`` alone: "before" is the full model
+  reduced to ``T`` by ``single_task`` (:func:`moekit.analysis.flops.task_model`), so other
+  tasks' heads and gate rows count in neither column;
 - the task's first metric on the evaluation split (``moekit eval`` of both models);
 - the maximum absolute difference of ``T``'s outputs over the profiling split (0 up to float
   rounding at ``θ = 0``).
@@ -43,6 +46,7 @@ from moekit.analysis.flops import (
     count_flops,
     count_parameters,
     routing_records,
+    task_model,
 )
 from moekit.analysis.prune import check_rule, prune_model, pruned_config
 from moekit.analysis.runs import TrainedRun, check_task, input_batch_size, only_task, progress
@@ -53,7 +57,9 @@ from moekit.fileio import atomic_write_text, replace_dir
 from moekit.moe import moe_layers
 
 PAPER_THRESHOLDS = (0.0, 0.001, 0.05, 0.2, 0.5, 0.9)
-"""θ of Mod-Squad's Fig. 3 (0%, 0.1%, 5%, 20%, 50%, 90%)."""
+"""θ of Mod-Squad's Fig. 3 (0%, 0.1%, 5%, 20%, 50%, 90%): usage frequencies
+``count[T, e] / tokens[T]`` (:func:`moekit.analysis.prune.experts_to_keep`), so each value
+keeps a different set of experts."""
 PAPER_KEEP_TOPS = (0.3, 0.4, 0.6, 0.8, 1.0)
 """H of Mod-Squad's Fig. 3 (30% ... 100%)."""
 
@@ -106,6 +112,11 @@ def format_report(report: dict[str, Any]) -> str:
 
     rows = [
         ("parameters", report["params_before"], report["params_after"]),
+        (
+            f"parameters of '{report['task']}' alone",
+            report["params_task_before"],
+            report["params_after"],
+        ),
         (
             "active parameters / token",
             report["active_params_before"],
@@ -179,7 +190,17 @@ class TaskExtraction:
         )
         self.inputs = next(iter(self.profile)).inputs
         self.spec = self.run.tasks[task].metrics[0] if self.run.tasks[task].metrics else None
-        self.before = self._measure(self.run.model, self._only_task(), self.run.path, checkpoint)
+        single = task_model(self.run.model, task)
+        if single is None:  # no single_task(): the other tasks are masked out instead
+            single, mask = self.run.model, self._only_task()
+        else:
+            mask = None
+        measured = self._measure(single, mask, self.run.path, checkpoint)
+        self.before = {
+            **measured,
+            "params": count_parameters(self.run.model),
+            "params_task": measured["params"],
+        }
 
     def _only_task(self) -> dict[str, torch.Tensor]:
         return only_task(self.run.tasks, self.task, input_batch_size(self.inputs), "cpu")

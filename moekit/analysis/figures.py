@@ -21,20 +21,10 @@ import pandas as pd
 from torch import Tensor
 
 from moekit.analysis.usage import ExpertUsage
-from moekit.engine.curves import figure_name
+from moekit.engine.curves import figure_name, pyplot
 
 DPI = 100
 ANNOTATE_MAX_CELLS = 400
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _heatmap(
@@ -139,9 +129,19 @@ def plot_selected_histograms(usage: ExpertUsage, path: str | Path) -> Path:
     return save_figure(fig, Path(path))
 
 
+def better_direction(row: pd.Series) -> str | None:
+    """``"higher"`` or ``"lower"``: which way the report's metric improves (its
+    ``higher_is_better``; a loss without one is lower-is-better), ``None`` if unknown."""
+    value = row.get("higher_is_better")
+    if value is not None and not pd.isna(value):
+        return "higher" if bool(value) else "lower"
+    return "lower" if str(row.get("metric", "")).endswith("loss") else None
+
+
 def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
     """Metric against parameters of extracted models (Mod-Squad Fig. 3): one line per rule
-    (threshold θ, keep-top H), the full model as a star and a dashed line."""
+    (threshold θ, keep-top H), the full model as a star and a dashed line. The y axis and
+    the title say whether higher or lower is better."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     first = frame.iloc[0]
@@ -171,9 +171,10 @@ def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
         markersize=10,
         label="full multi-task model",
     )
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(first["metric"])
-    ax.set_title(f"pruning task '{first['task']}'")
+    better = better_direction(first)
+    ax.set_xlabel("parameters of the extracted model")
+    ax.set_ylabel(f"{first['metric']}{f' ({better} is better)' if better else ''}")
+    ax.set_title(f"pruning task '{first['task']}'" + (f": {better} is better" if better else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, Path(path))

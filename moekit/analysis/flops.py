@@ -19,17 +19,33 @@ dispatch strategy (falling back to the loop linear for unaligned sizes); the fus
 the CPU default cannot be traced, and the strategy changes no count.
 
 Parameters: ``params`` counts every parameter. ``active_params`` counts the parameters one
-token uses on average: every parameter outside the experts (shared layers, routers, all heads),
-plus for each MoE layer ``k̄ · P_e`` with ``k̄`` the mean number of experts its tokens selected
-on the input and ``P_e`` the parameters of one expert.
+token uses on average: every parameter outside the experts, plus for each MoE layer
+``k̄ · P_e`` with ``k̄`` the mean number of experts its tokens selected on the input and
+``P_e`` the parameters of one expert.
+
+What is counted for whom:
+
+- **all tasks** (the top level of :func:`flops_report`): the model as given, every task on
+  every input — all heads, every gate of every per-task router (a gate of ``T`` tasks costs
+  ``n · C · T · E`` as :class:`~moekit.routing.gate.Gate` computes it for a mixed batch), all
+  task embeddings;
+- **one task** (``per_task``, and the "before" column of ``moekit prune``): the model reduced
+  to that task by its own ``single_task`` (:func:`task_model`, a copy) — the shared layers and
+  every expert, but only that task's head, its row of each gate (``n · C · E``) and its task
+  embedding; ``params`` is then that single-task network's size and ``active_params`` the part
+  a token of the task uses. A model without ``single_task`` is run with the other tasks
+  masked out instead (``counted: "all heads and gates"`` in the report).
 
 :func:`reference_macs` recounts the matmul-type ops with
 :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add, halved) as a
-cross-check.
+cross-check that shares no formula with the fvcore handles: the MoE layers run the per-expert
+``mm`` loop (not ``_grouped_mm``) and attention runs torch's math backend (explicit ``bmm``),
+so every op is counted by torch's own formulas.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -214,12 +230,28 @@ def routing_records(
         return model(inputs, task_mask=task_mask).routing
 
 
-def _grouped_mm_formula(x, w, *args, out_shape, **kwargs) -> int:
-    return 2 * math.prod(out_shape) * x[-1]
+REFERENCE_STRATEGY = "loop"
 
 
-def _cpu_sdpa_formula(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+@contextmanager
+def reference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, MoE layers on the per-expert ``mm`` loop and attention on
+    torch's math backend: every matmul-type op is one torch's flop counter knows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    layers = [layer for _, layer in moe_layers(model) if hasattr(layer, "strategy")]
+    saved = [layer.strategy for layer in layers]
+    training = model.training
+    model.eval()
+    for layer in layers:
+        layer.strategy = REFERENCE_STRATEGY
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for layer, strategy in zip(layers, saved, strict=True):
+            layer.strategy = strategy
+        model.train(training)
 
 
 def reference_macs(
@@ -227,18 +259,45 @@ def reference_macs(
 ) -> int:
     """Multiply-adds of matrix products, convolutions and attention counted by
     :class:`torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2) — an fvcore-independent
-    cross-check of :attr:`FlopCount.matmul_total`. Adds formulas for ``_grouped_mm`` and the
-    CPU attention kernel, which torch does not count."""
+    cross-check of :attr:`FlopCount.matmul_total` that uses no custom formula: it runs the
+    model in :func:`reference_mode`, so experts are ``mm`` per expert and attention is the
+    math backend's ``bmm`` (a wrong handle in :func:`count_flops` shows as a mismatch)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    aten = torch.ops.aten
-    custom = {
-        aten._grouped_mm: _grouped_mm_formula,
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_formula,
-    }
-    with traceable(model), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+    with reference_mode(model), FlopCounterMode(display=False) as counter:
         model(inputs, task_mask=task_mask)
     return counter.get_total_flops() // 2
+
+
+def task_model(model: nn.Module, task: str) -> nn.Module | None:
+    """A copy of ``model`` reduced to ``task`` by its ``single_task`` (its head, its gate rows,
+    its task embedding; every expert kept), or ``None`` for a model without one."""
+    if not hasattr(model, "single_task"):
+        return None
+    single = copy.deepcopy(model)
+    single.single_task(task)
+    return single
+
+
+def task_counts(model: nn.Module, inputs: Any, task_names: list[str], task: str) -> dict[str, Any]:
+    """FLOPs and parameters of ``task`` alone (see the module docstring: only its head and its
+    gate rows count, through :func:`task_model`)."""
+    from moekit.analysis.runs import input_batch_size, only_task
+
+    batch = input_batch_size(inputs)
+    single = task_model(model, task)
+    mask, counted = None, "this task's head and gate rows"
+    if single is None:
+        single, mask = model, only_task(task_names, task, batch, _device(inputs))
+        counted = "all heads and gates (the model has no single_task)"
+    flops = count_flops(single, inputs, mask).total
+    return {
+        "flops": flops,
+        "flops_per_sample": round(flops / batch),
+        "params": count_parameters(single),
+        "active_params": active_parameters(single, routing_records(single, inputs, mask)),
+        "counted": counted,
+    }
 
 
 def flops_report(
@@ -249,11 +308,12 @@ def flops_report(
     depth: int = 2,
 ) -> dict[str, Any]:
     """Parameters and FLOPs of ``model`` on ``inputs`` (every task, and each task alone with
-    ``per_task``), as the JSON object ``moekit flops --json`` prints.
+    ``per_task``: only its head and gate rows, :func:`task_counts`), as the JSON object
+    ``moekit flops --json`` prints.
 
     ``per_module`` lists modules nested at most ``depth`` deep, and every MoE layer.
     """
-    from moekit.analysis.runs import input_batch_size, only_task
+    from moekit.analysis.runs import input_batch_size
 
     batch = input_batch_size(inputs)
     count = count_flops(model, inputs)
@@ -278,13 +338,7 @@ def flops_report(
         "unknown_ops": count.unknown_ops,
     }
     for task in task_names if per_task else []:
-        mask = only_task(task_names, task, batch, _device(inputs))
-        alone = count_flops(model, inputs, mask)
-        report["per_task"][task] = {
-            "flops": alone.total,
-            "flops_per_sample": round(alone.total / batch),
-            "active_params": active_parameters(model, routing_records(model, inputs, mask)),
-        }
+        report["per_task"][task] = task_counts(model, inputs, task_names, task)
     return report
 
 

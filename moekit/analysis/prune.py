@@ -3,9 +3,19 @@
 Mod-Squad (Chen et al., CVPR 2023, §3.5, §4.3): count how often each expert serves task ``T``
 over a dataset (:class:`~moekit.analysis.usage.ExpertUsage`), then in every MoE layer
 
-- **threshold**: keep the experts whose usage share ``count[T, e] / Σ_e' count[T, e']`` is at
-  least ``θ`` and above zero — ``θ = 0`` removes exactly the experts ``T`` never selected, so
-  the extracted model reproduces the full model's outputs for ``T`` on the profiling data;
+- **threshold** ("remove all experts that have a usage frequency lower than θ"): the usage
+  frequency is the paper's ``P(E_e | T)`` of §3.3 — "for 100 images in task T, if the routing
+  network assigns 30 of them to expert E, then P(E | T) = 0.3" — the fraction of ``T``'s tokens
+  (or samples) that selected ``e``::
+
+      freq[T, e] = count[T, e] / tokens[T]        keep e  iff  count[T, e] > 0 and freq >= θ
+
+  It lies in [0, 1] per expert and sums to the mean number of experts selected (``k`` for
+  top-k), not to 1, so the paper's sweep θ = 0%, 0.1%, 5%, 20%, 50%, 90% keeps the experts
+  used by at least that share of the task's tokens: θ = 0.9 the experts nearly every token
+  uses, θ = 0.5 those at least half use. ``θ = 0`` removes exactly the experts ``T`` never
+  selected, so the extracted model reproduces the full model's outputs for ``T`` on the
+  profiling data;
 - **keep-top**: keep the ``ceil(H · E)`` most used experts of the layer (``H`` a fraction).
 
 A layer always keeps its most used expert. With ``reduce_k`` a top-k router whose ``k`` exceeds
@@ -13,8 +23,10 @@ the experts kept gets ``k = experts kept`` (the paper does; its public code keep
 
 The extracted model serves ``T`` alone: one gate per router (row ``T``), ``T``'s task embedding
 and head, physically smaller expert tensors (:meth:`moekit.moe.MoELayer.keep_experts`). Each
-router keeps all its logits, so the scores over all experts and the selection are those of the
-full model; a selection of a removed expert is dropped and contributes nothing.
+router keeps all its logits, so the scores over all experts are those of the full model, and
+every token selects among the kept experts only (:meth:`moekit.moe.MoELayer.route`, in every
+rule): top-k still runs ``min(k, kept)`` experts per token, with the kept experts'
+full-softmax probabilities as weights.
 """
 
 from __future__ import annotations
@@ -38,7 +50,9 @@ def check_rule(threshold: float | None, keep_top: float | None) -> None:
     if (threshold is None) == (keep_top is None):
         raise ConfigError("prune: give exactly one of threshold (θ) and keep_top (H)")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"prune: threshold is a share in [0, 1] (0.01 = 1%), got {threshold}")
+        raise ConfigError(
+            f"prune: threshold is a usage frequency in [0, 1] (0.01 = 1%), got {threshold}"
+        )
     if keep_top is not None and not 0.0 < keep_top <= 1.0:
         raise ConfigError(f"prune: keep_top is a fraction in (0, 1] (0.4 = 40%), got {keep_top}")
 
@@ -48,12 +62,15 @@ def experts_to_keep(
     candidates: list[int],
     threshold: float | None = None,
     keep_top: float | None = None,
+    tokens: float | None = None,
 ) -> list[int]:
     """The experts a layer keeps for one task, from its selection counts ``count [E]``.
 
-    ``candidates`` are the experts the layer still holds. Threshold: ``count > 0`` and
-    ``share >= threshold``; keep-top: the ``ceil(keep_top · len(candidates))`` most used
-    (ties go to the lower id). The most used candidate is always kept.
+    ``candidates`` are the experts the layer still holds; ``tokens`` is the number of the
+    task's tokens (or samples) the counts come from (needed by the threshold rule).
+    Threshold: ``count > 0`` and ``count / tokens >= threshold`` (the usage frequency of
+    the module docstring); keep-top: the ``ceil(keep_top · len(candidates))`` most used (ties
+    go to the lower id). The most used candidate is always kept.
     """
     check_rule(threshold, keep_top)
     counts = {e: float(count[e]) for e in candidates}
@@ -61,19 +78,21 @@ def experts_to_keep(
     if keep_top is not None:
         kept = ranked[: max(1, math.ceil(round(keep_top * len(candidates), 9)))]
     else:
-        total = sum(counts.values()) or 1.0
+        if tokens is None:
+            raise ConfigError("prune: the threshold rule needs the number of tokens counted")
+        total = float(tokens) or 1.0
         kept = [e for e in candidates if counts[e] > 0 and counts[e] / total >= threshold]
     return sorted(set(kept) | {ranked[0]})
 
 
-def usage_row(usage: ExpertUsage, layer: str, task: str) -> Tensor:
-    """``count [E]`` of ``task`` in ``layer`` (the only row of a layer that knows no tasks)."""
+def usage_row(usage: ExpertUsage, layer: str, task: str) -> tuple[Tensor, float]:
+    """``(count [E], tokens)`` of ``task`` in ``layer`` (the only row of a layer that knows no
+    tasks)."""
     if layer not in usage.layers:
         raise DataError(f"expert usage has no layer '{layer}' (did the profiling data reach it?)")
-    count = usage.layers[layer].count
-    if count.shape[0] == 1:
-        return count[0]
-    return count[task_position(usage.tasks, task)]
+    stats = usage.layers[layer]
+    row = 0 if stats.count.shape[0] == 1 else task_position(usage.tasks, task)
+    return stats.count[row], float(stats.tokens[row])
 
 
 def reduced_router(layer: nn.Module, kept: int) -> dict[str, Any]:
@@ -105,7 +124,8 @@ def prune_model(
     pruned.single_task(task)
     specs = {}
     for name, layer in moe_layers(pruned):
-        kept = experts_to_keep(usage_row(usage, name, task), layer.expert_ids, threshold, keep_top)
+        count, tokens = usage_row(usage, name, task)
+        kept = experts_to_keep(count, layer.expert_ids, threshold, keep_top, tokens)
         router = reduced_router(layer, len(kept)) if reduce_k else dict(layer.router_config)
         specs[name] = layer_spec(kept, router)
     apply_layer_specs(pruned, specs)

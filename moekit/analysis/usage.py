@@ -10,11 +10,12 @@ For every MoE layer, task ``t`` and expert ``e`` the accumulator sums over a dat
 - ``tokens[t]``: the number of tokens of task ``t``;
 - ``num_selected``: a histogram of how many experts a token selected (top-p varies it).
 
-From these: ``share[t, e] = count[t, e] / Σ_e' count[t, e']`` — the usage share that
-Mod-Squad's per-task extraction thresholds with θ (Chen et al., CVPR 2023, §3.5) — and
-``rate[t, e] = count[t, e] / tokens[t]``, the probability that a token of task ``t`` uses ``e``
-(the frequency map of the paper's Fig. 5). Everything is a pure function of the
-:class:`~moekit.routing.types.RoutingRecord` s a model returns.
+From these: ``share[t, e] = count[t, e] / Σ_e' count[t, e']``, the share of task ``t``'s
+selections that went to ``e`` (rows sum to 1), and ``rate[t, e] = count[t, e] / tokens[t]``,
+the probability that a token of task ``t`` uses ``e`` — Mod-Squad's usage frequency
+``P(E_e | T_t)`` (Chen et al., CVPR 2023, §3.3), which its per-task extraction thresholds with
+θ (§3.5, :func:`moekit.analysis.prune.experts_to_keep`) and its Fig. 5 maps. Everything is
+a pure function of the :class:`~moekit.routing.types.RoutingRecord` s a model returns.
 
 From forwards in which every input ran every task (``task_mask=None``) it also accumulates
 Mod-Squad's task relation (Fig. 6, §4.3): for a token ``j`` seen by tasks ``a`` and ``b`` with
@@ -209,18 +210,27 @@ class ExpertUsage:
 
     def selected_frame(self) -> pd.DataFrame:
         """Per layer: the mean number of experts selected, the histogram and the measured
-        ``I(T; E)`` (empty for a layer that routes one task)."""
-        return pd.DataFrame(
-            [
+        ``I(T; E)`` (empty for a layer that routes one task).
+
+        The histogram columns ``k=0 .. k=E_max`` run to the largest expert count of any layer;
+        a layer with fewer experts has 0 in the columns it cannot reach (no token of a
+        15-expert layer selects 16 experts), so layers of different sizes share one table of
+        integer counts.
+        """
+        width = max((layer.num_selected.numel() for layer in self.layers.values()), default=1)
+        rows = []
+        for name, layer in self.layers.items():
+            hist = layer.num_selected.tolist()
+            hist += [0.0] * (width - len(hist))
+            rows.append(
                 {
                     "layer": name,
                     "mean_selected": layer.mean_selected(),
                     "mutual_information": layer.mutual_information(),
-                    **{f"k={k}": int(v) for k, v in enumerate(layer.num_selected.tolist())},
+                    **{f"k={k}": int(v) for k, v in enumerate(hist)},
                 }
-                for name, layer in self.layers.items()
-            ]
-        )
+            )
+        return pd.DataFrame(rows)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``usage.safetensors`` (tensors; task names and :attr:`info` as metadata), the

@@ -28,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default: 1)")
     parser.add_argument("--split", default="val", help="dataset split for inputs (default: val)")
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    parser.add_argument("--per-task", action="store_true", help="also run each task alone")
+    parser.add_argument(
+        "--per-task",
+        action="store_true",
+        help="also count each task alone: the shared layers and experts, and only that task's "
+        "head and gate rows",
+    )
     parser.add_argument(
         "--depth",
         type=int,
@@ -94,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if report["per_task"]:
         per_task = pd.DataFrame([{"task": t, **v} for t, v in report["per_task"].items()])
+        counted = sorted(set(per_task.pop("counted")))
         numbers = {c: "{:,}".format for c in per_task if c != "task"}
+        print(f"each task alone (counted: {'; '.join(counted)}):")
         print(per_task.to_string(index=False, formatters=numbers))
     if report["unknown_ops"]:
         print(f"not counted (unknown custom ops): {report['unknown_ops']}")

@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prune",
         help="extract one task as a standalone model with fewer experts",
         description="Per-task expert extraction (Mod-Squad §3.5): count expert usage on the "
-        "profiling split, keep the experts task T uses (share >= θ, or the top H of each MoE "
-        "layer), save a standalone single-task model (moekit eval and load_model accept it) "
+        "profiling split, keep the experts task T uses (usage frequency count/tokens >= θ, or "
+        "the top H of each MoE layer), save a standalone single-task model (moekit eval and "
+        "load_model accept it) "
         "and print parameters, FLOPs, the metric and the largest output difference before and "
         "after. θ = 0 removes only never-selected experts and reproduces the outputs.",
     )
@@ -26,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threshold",
         type=float,
         metavar="θ",
-        help="keep experts whose usage share is >= θ (a fraction: 0.01 = 1%%)",
+        help="keep experts selected by at least a fraction θ of the task's tokens "
+        "(usage frequency count/tokens; 0.01 = 1%%)",
     )
     rule.add_argument(
         "--keep-top",
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_fractions,
         default=None,
         metavar="θ,θ,...",
-        help="thresholds of --sweep (default: the paper's 0,0.001,0.05,0.2,0.5,0.9)",
+        help="usage frequencies θ of --sweep (default: the paper's 0,0.001,0.05,0.2,0.5,0.9)",
     )
     parser.add_argument(
         "--keep-tops",
@@ -56,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reduce-k",
         action="store_true",
-        help="lower a top-k router's k to the experts its layer keeps",
+        help="lower a top-k router's k to the experts its layer keeps (every rule selects "
+        "among the kept experts only)",
     )
     parser.add_argument("--split", default="test", help="split of the metric (default: test)")
     parser.add_argument(

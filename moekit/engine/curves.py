@@ -10,10 +10,33 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 SKIP = ("epoch", "split", "time")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (every moekit figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def y_label(key: str) -> str:
+    """The y-axis label of a figure: ``loss`` -> ``loss``, ``seg/dice`` -> ``dice``,
+    ``lr`` -> ``learning rate``."""
+    names = {
+        "lr": "learning rate",
+        "aux": "routing loss",
+        "task_weights": "task weight",
+        "mtl_delta": "multi-task Δ",
+    }
+    return names.get(key, key.split("/")[-1])
 
 
 def figure_key(column: str) -> str:
@@ -33,11 +56,9 @@ def figure_name(key: str) -> str:
 
 def plot_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
     """Draw the numeric columns of ``metrics_csv`` against the epoch; returns the files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     frame = pd.read_csv(metrics_csv)
     out_dir = Path(out_dir)
@@ -63,6 +84,7 @@ def plot_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
         if not drawn:
             continue
         ax.set_xlabel("epoch")
+        ax.set_ylabel(y_label(key))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)

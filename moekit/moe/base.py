@@ -88,10 +88,11 @@ class MoELayer(nn.Module):
         """Remove every expert but ``experts`` (router ids), with physically smaller tensors.
 
         Per-task extraction (Mod-Squad, Chen et al., CVPR 2023, §3.5). The router is kept
-        whole, so the scores are still computed over all ``router.num_experts`` experts and
-        the selection rule is unchanged; a selection of a removed expert is dropped (index
-        ``-1``, weight 0), so it contributes nothing. Tokens that selected only kept experts
-        get exactly the output of the unpruned layer.
+        whole, so ``probs`` is still the score over all ``router.num_experts`` experts (the
+        softmax over every logit, unchanged); from then on the layer *selects among the
+        experts it kept only* (see :meth:`route`), as a physically smaller router would.
+        Tokens whose selection held only kept experts get exactly the output of the unpruned
+        layer, so removing the experts a task never selected changes nothing on that data.
         """
         ids = sorted({int(e) for e in experts})
         total = self.router.num_experts
@@ -136,10 +137,30 @@ class MoELayer(nn.Module):
         """Route ``tokens [n, dim]``; tokens with ``valid == False`` select no expert.
 
         Returns the routing to dispatch with (indices of the experts the layer holds) and the
-        record (the router's expert ids; after :meth:`keep_experts` the selections of removed
-        experts are empty slots in both).
+        record (the router's expert ids).
+
+        After :meth:`keep_experts` the router's own rule (top-k, top-p, dense) is applied to
+        the scores with the removed experts' scores set to 0 — for a softmax the same as
+        their logits set to ``-inf`` for the selection — so every token selects among the
+        kept experts only: top-k takes the ``k`` best kept experts (all of them when fewer
+        than ``k`` are kept; slots beyond those stay empty), top-p accumulates the kept
+        experts' scores. ``probs`` stays the score over all experts, and the combine weights
+        are the kept experts' entries of it (the full-softmax probabilities), divided by their
+        sum only when the router renormalizes. This holds for every pruning rule, not only
+        with a reduced ``k``: it is what the paper's pruned model computes (a router that can
+        only pick the experts left, at the FLOPs of the full model: Mod-Squad ViT-S 5.2
+        GFLOPs before and after pruning), whereas dropping the selections of removed experts
+        would leave tokens with fewer experts, or none, and the output with less weight.
+        A token that selected only kept experts selects the same ones as before.
         """
         routing = self.router(tokens, task_ids)
+        if self.expert_map is not None:
+            kept = (self.expert_map >= 0).to(routing.probs.device)
+            index, weight = self.router.select(routing.probs.masked_fill(~kept, 0.0))
+            selected_kept = kept[index.clamp(min=0)] & (index >= 0)
+            index = index.masked_fill(~selected_kept, -1)
+            weight = weight.masked_fill(~selected_kept, 0.0)
+            routing = Routing(routing.probs, routing.logits, index, weight)
         if valid is not None:
             keep = valid.reshape(-1, 1).to(routing.index.device)
             routing.index = routing.index.masked_fill(~keep, -1)
@@ -148,6 +169,4 @@ class MoELayer(nn.Module):
         if self.expert_map is None:
             return routing, record
         held = self.expert_map[routing.index.clamp(min=0)].masked_fill(routing.index < 0, -1)
-        routing.index = routing.index.masked_fill(held < 0, -1)
-        routing.weight = routing.weight.masked_fill(held < 0, 0.0)
         return Routing(routing.probs, routing.logits, held, routing.weight), record
