@@ -26,6 +26,8 @@ import yaml
 from moekit.errors import ConfigError, did_you_mean
 from moekit.fileio import atomic_write_text
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The moekit checkout (``configs/`` and ``experiments/`` live beside the ``moekit`` package)."""
 BASE_KEY = "_base_"
 REPLACE_KEY = "_replace_"
 
@@ -51,6 +53,17 @@ class _Dumper(yaml.SafeDumper):
 
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
+
+
+def shipped_path(path: str | Path) -> Path:
+    """``path`` as given when it exists (relative to the current directory), else the file of
+    that name in the moekit checkout (``configs/...``), so default config paths work from any
+    directory; unchanged when neither exists (the caller's error then names it)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    shipped = REPO_ROOT / path
+    return shipped if shipped.exists() else path
 
 
 def parse_yaml(text: str) -> Any:

@@ -267,10 +267,31 @@ def test_non_image_files_are_ignored(copy):
     assert len(_ds(copy, split="test", tasks=["OD"])) == 3
 
 
-def test_missing_lesion_folder_is_an_error(copy):
+def test_missing_lesion_folder_is_an_error_only_when_that_lesion_is_loaded(copy):
     shutil.rmtree(LAYOUT.mask_dir(copy, "test", "SE"))
     with pytest.raises(DataError, match=r"4. Soft Exudates: folder not found"):
-        _ds(copy, split="test", tasks=["OD"])
+        _ds(copy, split="test", tasks=["SE", "OD"])
+    with pytest.raises(DataError, match=r"4. Soft Exudates: folder not found"):
+        _ds(copy, split="test")  # all seven tasks
+    only_od = _ds(copy, split="test", tasks=["OD"])
+    assert len(only_od) == 3 and set(only_od[0]["targets"]) == {"OD"}
+
+
+def test_lesion_subsets_carve_the_same_validation_images(replica):
+    every = {k for k in _ds(replica, split="val", tasks=list(LESIONS)).keys}
+    assert {k for k in _ds(replica, split="val", tasks=["OD"]).keys} == every
+    assert {k for k in _ds(replica, split="val", tasks=["MA", "EX"]).keys} == every
+
+
+def test_class_labels_come_from_the_index_in_sample_order(replica):
+    ds = _ds(replica, split="test")
+    grades = [ds[i]["targets"]["rg"].item() for i in range(len(ds)) if ds.sources[i] == "grading"]
+    assert ds.class_labels("rg") == grades and len(grades) == 6
+    assert ds.class_labels("mer") == [
+        ds[i]["targets"]["mer"].item() for i in range(len(ds)) if ds.sources[i] == "grading"
+    ]
+    with pytest.raises(ConfigError, match="not a loaded grading task"):
+        _ds(replica, split="test", tasks=["OD"]).class_labels("rg")
 
 
 def test_augmentation_is_seeded_by_seed_epoch_and_worker(replica):

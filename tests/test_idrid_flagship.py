@@ -78,21 +78,71 @@ def test_top_p_phase_skips_unselected_experts(monkeypatch):
     assert calls == {0: 1, 1: 0, 2: 0}
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_on_a_small_replica(tmp_path, capsys):
-    data = tmp_path / "replica"
-    make_idrid_replica(data, 16, 6, 8, 4, size=(192, 128), seed=0)
-    run = tmp_path / "run"
-    overrides = [f"data.{s}.image_size=[64, 96]" for s in ("train", "val", "test")]
-    code = main(
-        ["demo", "--data", str(data), "--run-dir", str(run), "--set", "train.epochs=2", *overrides]
+SHORT = [f"data.{s}.image_size=[48, 72]" for s in ("train", "val", "test")] + ["train.epochs=8"]
+"""A short demo: 64 optimizer steps at 48x72 (about a minute on one core); top-p from epoch 5."""
+
+
+@pytest.fixture(scope="module")
+def short_replica(tmp_path_factory):
+    return make_idrid_replica(
+        tmp_path_factory.mktemp("idrid") / "replica", 64, 16, 16, 8, size=(192, 128), seed=0
     )
+
+
+def experts_selected(run, checkpoint="last"):
+    """Mean experts selected and histogram per head on the test split (top-p phase)."""
+    from moekit.analysis.runs import split_loader
+    from moekit.analysis.usage import collect_usage
+    from moekit.engine import load_model
+
+    model, cfg, tasks = load_model(run, checkpoint)
+    usage = collect_usage(model, split_loader(cfg, "test"), list(tasks))
+    return usage.selected_frame().set_index("layer")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_small_replica_routes_dynamically(short_replica, tmp_path, capsys):
+    """The demo's table with labelled reference rows, its files, several runs in one table,
+    and a top-p phase that selects fewer than all experts (and a varying number)."""
+    run = tmp_path / "run"
+    code = main(["demo", "--data", str(short_replica), "--run-dir", str(run), "--set", *SHORT])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| model" in printed and "OD" in printed and "mean_selected" in printed
+    assert "| model" in printed and "this run, synthetic replica" in printed
+    assert "reported by the seed, real IDRiD" in printed and "majority class" in printed
     results = pd.read_csv(run / "results.csv")
     assert {"rg acc", "mer acc", "OD IoU", "OD Dice", "OD Dice per image"} <= set(results.columns)
+    assert list(results["model"])[:2] == ["idrid_demo", "majority class (test split)"]
     assert (run / "results.md").read_text().startswith("| model")
-    selected = pd.read_csv(run / "usage" / "selected.csv")
-    assert set(selected["layer"]) == {f"heads.{t}" for t in TASKS}
     assert (run / "figures" / "predictions_test.png").stat().st_size > 10_000
+    assert set(pd.read_csv(run / "usage" / "selected.csv")["layer"]) == {
+        f"heads.{t}" for t in TASKS
+    }
+    # several runs in one table, into a chosen folder (no reference rows unless asked)
+    out = tmp_path / "table"
+    assert main(["results", str(run), str(run), "--checkpoint", "last", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 3 and "reported by the seed, real IDRiD" not in set(table["source"])
+    assert "top_p" in (out / "results.md").read_text()
+    # after the switch to top-p every head selects fewer than all experts on average, and
+    # some head a different number of experts on different images
+    selected = experts_selected(run)
+    experts = DEMO["model"]["num_experts"]
+    assert (selected["mean_selected"] < experts).all(), selected["mean_selected"]
+    histogram = selected[[f"k={k}" for k in range(1, experts + 1)]]
+    assert ((histogram > 0).sum(axis=1) >= 2).any(), histogram
+
+
+@pytest.mark.slow
+def test_seed_gate_l1_makes_top_p_keep_every_expert(short_replica, tmp_path):
+    """The seed's gate terms (L1 at weight 1) drive the raw sigmoid scores towards 0, so top-p
+    (p = 0.8) keeps all experts: why demo.yaml reweights them."""
+    from moekit.engine import Trainer
+
+    seed_terms = config.load("configs/idrid/mtl_r50_topp.yaml")["aux_losses"]
+    roots = [f"data.{s}.root={short_replica}" for s in ("train", "val", "test")]
+    cfg = config.load("configs/idrid/demo.yaml", [*roots, *SHORT])
+    cfg["aux_losses"] = seed_terms
+    Trainer(cfg, run_dir=tmp_path / "seed_l1").fit()
+    selected = experts_selected(tmp_path / "seed_l1")
+    assert (selected["mean_selected"] == DEMO["model"]["num_experts"]).all(), selected

@@ -71,3 +71,65 @@ def test_masked_images_do_not_count():
     metric = METRICS.build({"type": "dice"}, num_classes=1)
     metric.update(masks_to_logits(pred), target, mask=torch.tensor([True, False]))
     assert metric.compute()[""] == 1.0
+
+
+def test_a_probability_at_the_threshold_is_negative_in_metrics_and_overlays():
+    from moekit.analysis.predictions import dense_map
+    from moekit.metrics.base import DEFAULT_THRESHOLD, above_threshold
+    from moekit.types import Task
+
+    assert DEFAULT_THRESHOLD == 0.5
+    logits = torch.tensor([[[[0.0, 0.01], [-0.01, 3.0]]]])  # p = 0.5, >0.5, <0.5, 0.95
+    target = torch.ones(1, 1, 2, 2)
+    dice = METRICS.build({"type": "dice"}, num_classes=1)
+    dice.update(logits, target)
+    assert dice.compute()[""] == pytest.approx(2 * 2 / (2 + 4))  # 2 of 4 pixels predicted
+    task = Task.from_config("OD", {"kind": "segmentation", "num_classes": 1})
+    overlay = dense_map(task, logits[0], is_target=False)
+    assert overlay.tolist() == [[0, 1], [0, 1]]
+    assert above_threshold(torch.sigmoid(logits), 0.5).long()[0, 0].tolist() == overlay.tolist()
+    assert dense_map(task, logits[0], is_target=False, threshold=0.9).tolist() == [[0, 0], [0, 1]]
+
+
+def test_eval_threshold_reaches_every_thresholded_metric_without_its_own():
+    from moekit.engine.evaluation import MetricTracker, build_metrics
+    from moekit.types import Task
+
+    task = Task.from_config(
+        "OD",
+        {
+            "kind": "segmentation",
+            "num_classes": 1,
+            "metrics": [
+                "iou",
+                "dice",
+                "recall",
+                "accuracy",
+                {"type": "dice", "threshold": 0.3, "name": "d30"},
+            ],
+        },
+    )
+    metrics = build_metrics(task, threshold=0.7)
+    assert {n: m.threshold for n, m in metrics.items()} == {
+        "iou": 0.7,
+        "dice": 0.7,
+        "recall": 0.7,
+        "accuracy": 0.7,
+        "d30": 0.3,  # its own threshold wins
+    }
+    assert {m.threshold for m in build_metrics(task).values()} == {0.5, 0.3}
+    grading = Task.from_config("rg", {"kind": "multiclass", "num_classes": 5, "metrics": ["kappa"]})
+    assert set(build_metrics(grading, threshold=0.7)) == {"kappa"}  # takes no threshold: untouched
+    tracker = MetricTracker({"OD": task}, threshold=0.7)
+    assert tracker.metrics["OD"]["dice"].threshold == 0.7
+
+
+def test_eval_threshold_key_default_and_validation():
+    from moekit.engine.settings import eval_threshold
+    from moekit.errors import ConfigError
+
+    assert eval_threshold({}) == 0.5
+    assert eval_threshold({"eval": {"threshold": 0.35}}) == 0.35
+    for bad in (1.5, -0.1, "0.5", True):
+        with pytest.raises(ConfigError, match=r"eval\.threshold"):
+            eval_threshold({"eval": {"threshold": bad}})

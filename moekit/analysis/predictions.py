@@ -1,11 +1,16 @@
 """Prediction overlays: image, ground truth and prediction of every dense task, for a few images.
 
 Like the IDRiD seed's Figures 4 and 5: one row per image; the first column is the image with
-the image-level predictions in its title (``pred / true``, ``-1`` where the image has no
-label, as for IDRiD's segmentation images without a grade); then for every dense task the
-ground truth and the prediction over the image. Binary masks are thresholded at 0.5 (sigmoid of
-the logits), multi-class maps take the arg-max (one colour per class), dense regression maps
-are drawn as heat maps. A task without ground truth on an image shows the bare image.
+the image-level predictions in its title (``pred / true``, class names where the task has
+``class_names``, ``-1`` where the image has no label, as for IDRiD's segmentation images
+without a grade); then for every dense task the ground truth and the prediction over the image.
+Binary masks are ``sigmoid(logits) > threshold`` (:func:`moekit.metrics.base.above_threshold`,
+the metrics' rule; ``threshold`` is ``eval.threshold``, default 0.5), each binary task in its
+own colour so that a lesion stays visible on a fundus of any hue; multi-class maps take the
+arg-max (one colour per class), dense regression maps are drawn as heat maps. A task without
+ground truth on an image shows the bare image. When the dataset tells each sample's source
+(``dataset.sources``, as IDRiD's grading and segmentation images), the images are drawn from
+every source in turn, so both kinds are shown.
 """
 
 from __future__ import annotations
@@ -21,10 +26,21 @@ from torch.utils.data import Dataset
 from moekit.analysis.figures import pyplot
 from moekit.data.collate import collate_samples
 from moekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from moekit.metrics.base import DEFAULT_THRESHOLD, above_threshold
 from moekit.types import Task
 
 OVERLAY_ALPHA = 0.5
-BINARY_COLOUR = (1.0, 0.9, 0.0)
+TASK_COLOURS = (
+    (0.0, 1.0, 1.0),  # cyan
+    (0.3, 1.0, 0.0),  # lime
+    (1.0, 0.0, 1.0),  # magenta
+    (0.15, 0.35, 1.0),  # blue
+    (0.0, 0.0, 0.0),  # black
+    (1.0, 1.0, 1.0),  # white
+)
+"""Colours of the binary dense tasks, in task order (IDRiD: MA cyan, HE lime, EX magenta, SE
+blue, OD black over the bright disc): none is the red-orange of a fundus or the yellow of its
+exudates."""
 
 
 def display_image(image: Tensor) -> np.ndarray:
@@ -39,46 +55,73 @@ def display_image(image: Tensor) -> np.ndarray:
     return gray.unsqueeze(-1).expand(-1, -1, 3).numpy()
 
 
-def dense_map(task: Task, value: Tensor, is_target: bool) -> np.ndarray:
-    """A prediction or target of a dense task as a label map (segmentation) or values."""
+def dense_map(
+    task: Task, value: Tensor, is_target: bool, threshold: float = DEFAULT_THRESHOLD
+) -> np.ndarray:
+    """A prediction or target of a dense task as a label map (segmentation) or values.
+
+    Binary predictions are ``sigmoid(logits) > threshold``, targets ``mask > 0.5``: the rules
+    of the metrics (:func:`moekit.metrics.base.binarize`)."""
     if task.kind != "segmentation":
         return value.float().reshape(-1, *value.shape[-2:])[0].numpy()
     if value.dim() == 2:  # class-index target
         return value.long().numpy()
     if value.shape[0] == 1:  # binary: logits or a 0/1 mask
-        probs = value[0].float() if is_target else value[0].float().sigmoid()
-        return (probs >= 0.5).long().numpy()
+        if is_target:
+            return (value[0].float() > 0.5).long().numpy()
+        return above_threshold(value[0].float().sigmoid(), threshold).long().numpy()
     if is_target:
         return value.float().argmax(dim=0).numpy() * (value.float().amax(dim=0) > 0).numpy()
     return value.float().argmax(dim=0).numpy()
 
 
-def image_label(task: Task, value: Tensor, is_target: bool) -> str:
-    """An image-level prediction or target as text."""
+def class_name(task: Task, index: int) -> str:
+    """``index`` and its name from the task's ``class_names`` (``"2 moderate"``), or ``"2"``."""
+    names = task.options.get("class_names")
+    if names and 0 <= index < len(names):
+        return f"{index} {names[index]}"
+    return str(index)
+
+
+def image_label(
+    task: Task, value: Tensor, is_target: bool, threshold: float = DEFAULT_THRESHOLD
+) -> str:
+    """An image-level prediction or target as text (class names where the task has them)."""
     if task.kind == "multiclass":
-        return str(int(value.argmax())) if not is_target else str(int(value))
+        return class_name(task, int(value) if is_target else int(value.argmax()))
     if task.kind == "multilabel":
-        on = (value.float() >= 0.5) if is_target else (value.float().sigmoid() >= 0.5)
-        return ",".join(str(i) for i in on.nonzero().flatten().tolist()) or "none"
+        on = (
+            (value.float() > 0.5)
+            if is_target
+            else above_threshold(value.float().sigmoid(), threshold)
+        )
+        return ",".join(class_name(task, i) for i in on.nonzero().flatten().tolist()) or "none"
     return ", ".join(f"{v:.2f}" for v in value.float().flatten().tolist())
 
 
 def class_colour(label: int, num_classes: int) -> tuple[float, float, float]:
-    """Overlay colour of a class: yellow for a binary mask, tab10 colours otherwise."""
-    if num_classes <= 2:
-        return BINARY_COLOUR
+    """Overlay colour of class ``label`` of a multi-class map (tab10 colours)."""
     return tuple(pyplot().get_cmap("tab10")((label - 1) % 10)[:3])
 
 
-def _overlay(ax, image: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-    """The image with every non-zero class filled in its colour and outlined."""
+def task_colours(tasks: Mapping[str, Task]) -> dict[str, tuple[float, float, float]]:
+    """One colour per binary segmentation task (:data:`TASK_COLOURS`, in task order)."""
+    binary = [n for n, t in tasks.items() if t.kind == "segmentation" and t.num_classes <= 2]
+    return {name: TASK_COLOURS[i % len(TASK_COLOURS)] for i, name in enumerate(binary)}
+
+
+def _overlay(
+    ax, image: np.ndarray, labels: np.ndarray, num_classes: int, colour: tuple | None = None
+) -> None:
+    """The image with every non-zero class filled in its colour (``colour`` for a binary map)
+    and outlined."""
     ax.imshow(image)
     shown = np.zeros((*labels.shape, 4))
     for c in np.unique(labels):
         if c > 0:
-            colour = class_colour(int(c), num_classes)
-            shown[labels == c] = (*colour, OVERLAY_ALPHA)
-            ax.contour(labels == c, levels=[0.5], colors=[colour], linewidths=1.2)
+            colour_c = colour if colour is not None else class_colour(int(c), num_classes)
+            shown[labels == c] = (*colour_c, OVERLAY_ALPHA)
+            ax.contour(labels == c, levels=[0.5], colors=[colour_c], linewidths=1.2)
     ax.imshow(shown)
 
 
@@ -95,12 +138,19 @@ def _legend(ax, task: Task) -> None:
 
 
 def _draw_dense(
-    axes: tuple, task: Task, image: np.ndarray, pred: Tensor, truth: Tensor | None, legend: bool
+    axes: tuple,
+    task: Task,
+    image: np.ndarray,
+    pred: Tensor,
+    truth: Tensor | None,
+    legend: bool,
+    threshold: float = DEFAULT_THRESHOLD,
+    colour: tuple | None = None,
 ) -> None:
     """Ground truth and prediction of one dense task on one image: masks over the image,
     value maps as heat maps on one colour scale (with a colour bar)."""
     truth_ax, pred_ax = axes
-    prediction = dense_map(task, pred, False)
+    prediction = dense_map(task, pred, False, threshold)
     target = None if truth is None else dense_map(task, truth, True)
     truth_ax.set_title(f"{task.name}: " + ("no ground truth" if truth is None else "ground truth"))
     pred_ax.set_title(f"{task.name}: prediction")
@@ -109,8 +159,8 @@ def _draw_dense(
         if target is None:
             truth_ax.imshow(image)
         else:
-            _overlay(truth_ax, image, target, classes)
-        _overlay(pred_ax, image, prediction, classes)
+            _overlay(truth_ax, image, target, classes, colour)
+        _overlay(pred_ax, image, prediction, classes, colour)
         if legend and task.num_classes > 2:
             _legend(pred_ax, task)
         return
@@ -124,23 +174,61 @@ def _draw_dense(
     pred_ax.figure.colorbar(shown, ax=pred_ax, fraction=0.046, pad=0.02)
 
 
+def balanced_picks(dataset: Dataset, count: int) -> list[int]:
+    """``count`` sample indices spread over ``dataset``, taking the sources in turn.
+
+    With ``dataset.sources`` (one name per sample, e.g. IDRiD's ``grading`` and
+    ``segmentation``), each source gives ``count / sources`` images (a source with fewer gives
+    all it has and the others make up the difference), spread evenly over that source's
+    samples; rows alternate between the sources. Without it, ``count`` indices spread evenly.
+    """
+    n = len(dataset)
+    count = min(count, n)
+    sources = getattr(dataset, "sources", None)
+    if sources is None or len(sources) != n or len(set(sources)) < 2:
+        return np.linspace(0, n - 1, count).round().astype(int).tolist()
+    groups: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        groups.setdefault(source, []).append(i)
+    quota = dict.fromkeys(groups, 0)
+    while sum(quota.values()) < count:  # one more from each source in turn, while it has any
+        for name, members in groups.items():
+            if quota[name] < len(members) and sum(quota.values()) < count:
+                quota[name] += 1
+    chosen = {
+        name: [
+            members[j] for j in np.linspace(0, len(members) - 1, quota[name]).round().astype(int)
+        ]
+        for name, members in groups.items()
+    }
+    picks: list[int] = []
+    for row in range(max(quota.values())):
+        picks += [chosen[name][row] for name in groups if row < quota[name]]
+    return picks
+
+
 def plot_predictions(
     model: nn.Module,
     dataset: Dataset,
     tasks: Mapping[str, Task],
     path: str | Path,
     num_images: int = 4,
+    threshold: float | None = None,
 ) -> Path:
-    """Draw ``num_images`` images spread over ``dataset`` with targets and predictions."""
+    """Draw ``num_images`` images of ``dataset`` (:func:`balanced_picks`) with targets and
+    predictions; binary masks are ``sigmoid > threshold`` (default
+    :data:`~moekit.metrics.base.DEFAULT_THRESHOLD`; pass ``eval.threshold``)."""
     plt = pyplot()
-    count = min(num_images, len(dataset))
-    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    picks = balanced_picks(dataset, num_images)
+    count = len(picks)
     batch = collate_samples([dataset[i] for i in picks])
     model.eval()
     with torch.no_grad():
         preds = model(batch.inputs).preds
     dense = [name for name, task in tasks.items() if task.is_dense]
     image_level = [name for name in tasks if name not in dense]
+    colours = task_colours(tasks)
     cols = 1 + 2 * len(dense)
     title_lines = max(len(image_level), 1)
     height = 2.4 + 0.15 * title_lines
@@ -149,20 +237,34 @@ def plot_predictions(
         image = display_image(batch.inputs[row])
         labels = []
         for name in image_level:
+            task = tasks[name]
             labelled = bool(batch.labelled(name)[row])
-            true = image_label(tasks[name], batch.targets[name][row], True) if labelled else "-1"
-            labels.append(f"{name}: {image_label(tasks[name], preds[name][row], False)} / {true}")
+            true = image_label(task, batch.targets[name][row], True) if labelled else "-1"
+            pred = image_label(task, preds[name][row], False, threshold)
+            labels.append(f"{name}: {pred} / {true}")
         axes[row, 0].imshow(image)
         axes[row, 0].set_title("\n".join(labels) or f"image {picks[row]}", fontsize=8)
         for i, name in enumerate(dense):
             truth = batch.targets[name][row] if bool(batch.labelled(name)[row]) else None
             axes_pair = (axes[row, 1 + 2 * i], axes[row, 2 + 2 * i])
-            _draw_dense(axes_pair, tasks[name], image, preds[name][row], truth, legend=row == 0)
+            _draw_dense(
+                axes_pair,
+                tasks[name],
+                image,
+                preds[name][row],
+                truth,
+                legend=row == 0,
+                threshold=threshold,
+                colour=colours.get(name),
+            )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.title.set_fontsize(8)
-    fig.suptitle("predictions (image-level: prediction / truth, -1 = no label)", fontsize=9)
+    fig.suptitle(
+        f"predictions (image-level: prediction / truth, -1 = no label; masks: p > {threshold:g})",
+        fontsize=9,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

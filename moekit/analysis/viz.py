@@ -23,6 +23,7 @@ from moekit.analysis.predictions import plot_predictions
 from moekit.analysis.runs import TrainedRun, progress
 from moekit.analysis.usage import collect_usage
 from moekit.engine.curves import figure_name, plot_curves
+from moekit.engine.settings import eval_threshold
 from moekit.errors import DataError
 from moekit.moe import moe_layers
 
@@ -61,7 +62,12 @@ def draw_run_figures(
         written += plot_curves(metrics, figures)
     written.append(
         plot_predictions(
-            run.model, loader.dataset, run.tasks, figures / "predictions.png", num_images
+            run.model,
+            loader.dataset,
+            run.tasks,
+            figures / "predictions.png",
+            num_images,
+            threshold=eval_threshold(run.cfg),
         )
     )
     return written, notes

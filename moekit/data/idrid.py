@@ -108,8 +108,9 @@ class IdridRecord:
     """One image of the index: where it is and what it is labelled with.
 
     ``split`` is the folder it lives in (``train`` or ``test``); ``grades`` is ``(rg, mer)`` for
-    a grading image; ``masks`` maps each lesion to its mask file (``None``: file absent, the
-    lesion is absent) for a segmentation image.
+    a grading image; ``masks`` maps each loaded lesion to its mask file (``None``: file absent,
+    the lesion is absent) for a segmentation image; ``has_se`` tells whether the image has a
+    soft-exudate mask file (the stratum of the validation carve, whether or not SE is loaded).
     """
 
     split: str
@@ -118,6 +119,7 @@ class IdridRecord:
     image: Path
     grades: tuple[int, int] | None = None
     masks: tuple[tuple[str, Path | None], ...] = ()
+    has_se: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -205,19 +207,26 @@ def scan_grading(root: Path, split: str) -> list[IdridRecord]:
     return records
 
 
-def scan_segmentation(root: Path, split: str) -> list[IdridRecord]:
-    """The segmentation images of ``split`` with the mask file of each lesion (or ``None``)."""
+def scan_segmentation(
+    root: Path, split: str, lesions: Sequence[str] = LESIONS
+) -> list[IdridRecord]:
+    """The segmentation images of ``split`` with the mask file of each of ``lesions`` (or
+    ``None``: the file is absent, the lesion is absent). Only the folders of ``lesions`` must
+    exist (a missing one is an error; the others are not looked at)."""
     folder = LAYOUT.segmentation_images(root, split)
     _check_dir(folder, root)
-    for lesion in LESIONS:
+    for lesion in lesions:
         _check_dir(LAYOUT.mask_dir(root, split, lesion), root)
     records = []
     for image_id, path in list_images(folder).items():
         masks = []
-        for lesion in LESIONS:
+        for lesion in lesions:
             mask = LAYOUT.mask_path(root, split, image_id, lesion)
             masks.append((lesion, mask if mask.is_file() else None))
-        records.append(IdridRecord(split, image_id, "segmentation", path, None, tuple(masks)))
+        has_se = LAYOUT.mask_path(root, split, image_id, "SE").is_file()
+        records.append(
+            IdridRecord(split, image_id, "segmentation", path, None, tuple(masks), has_se)
+        )
     return records
 
 
@@ -247,10 +256,11 @@ def stratified_split(strata: Sequence[Hashable], fraction: float, seed: int) -> 
 
 
 def _stratum(record: IdridRecord) -> Hashable:
-    """Grading images by retinopathy grade; segmentation images by whether they show SE."""
+    """Grading images by retinopathy grade; segmentation images by whether they have an SE mask
+    (also when SE is not loaded, so every lesion subset carves the same validation images)."""
     if record.grades is not None:
         return record.grades[0]
-    return dict(record.masks)["SE"] is not None
+    return record.has_se
 
 
 def carve_validation(
@@ -376,7 +386,7 @@ class IdridDataset(Dataset):
         if "grading" in self.source_names:
             records += scan_grading(self.root, disk_split)
         if "segmentation" in self.source_names:
-            records += scan_segmentation(self.root, disk_split)
+            records += scan_segmentation(self.root, disk_split, self.lesion_tasks)
         if disk_split == "train" and self.val_fraction > 0:
             train, val = carve_validation(records, self.val_fraction, val_seed)
             records = val if self.split == "val" else train
@@ -405,6 +415,14 @@ class IdridDataset(Dataset):
     def sources(self) -> list[str]:
         """The source of every sample (for :class:`moekit.data.samplers.BalancedSourceSampler`)."""
         return [r.source for r in self.records]
+
+    def class_labels(self, task: str) -> list[int]:
+        """The grades of ``task`` (``rg`` or ``mer``) of the split's grading images, in sample
+        order, read from the index (no image is decoded): e.g. for a majority-class rate."""
+        if task not in self.grading_tasks:
+            raise ConfigError(f"idrid: '{task}' is not a loaded grading task {self.grading_tasks}")
+        column = GRADING_TASKS.index(task)
+        return [r.grades[column] for r in self.records if r.grades is not None]
 
     @property
     def keys(self) -> list[tuple[str, str]]:

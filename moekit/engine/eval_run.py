@@ -16,7 +16,7 @@ from moekit.engine.evaluation import evaluate
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
-from moekit.engine.settings import train_settings
+from moekit.engine.settings import eval_threshold, train_settings
 from moekit.errors import ConfigError
 from moekit.fileio import atomic_write_text
 from moekit.registry import METRICS
@@ -49,7 +49,9 @@ def evaluate_run(
     delta = (
         exp.mtl_delta if mtl_delta is None else METRICS.build({"type": "mtl_delta", **mtl_delta})
     )
-    values = evaluate(accelerator, bare.model, bare, loader, exp.tasks, delta)
+    values = evaluate(
+        accelerator, bare.model, bare, loader, exp.tasks, delta, threshold=eval_threshold(cfg)
+    )
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:
         out = run_dir / "eval" / f"{split}-{which}.json"

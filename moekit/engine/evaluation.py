@@ -23,19 +23,24 @@ import torch
 from torch import Tensor
 
 from moekit.metrics.base import Metric
-from moekit.registry import METRICS
+from moekit.registry import METRICS, accepted_kwargs
 from moekit.types import Batch, Task
 
 
-def build_metrics(task: Task) -> dict[str, Metric]:
-    """The metrics a task's config lists, by column name."""
+def build_metrics(task: Task, threshold: float | None = None) -> dict[str, Metric]:
+    """The metrics a task's config lists, by column name.
+
+    ``threshold`` (``eval.threshold``) is passed to every metric that takes a ``threshold`` and
+    is not given its own in the task's config.
+    """
     class_names = task.options.get("class_names")
-    return {
-        spec.name: METRICS.build(
-            spec.config(), num_classes=task.num_classes, class_names=class_names
-        )
-        for spec in task.metrics
-    }
+    metrics = {}
+    for spec in task.metrics:
+        defaults: dict[str, Any] = {"num_classes": task.num_classes, "class_names": class_names}
+        if threshold is not None and "threshold" in accepted_kwargs(METRICS.get(spec.type))[0]:
+            defaults["threshold"] = float(threshold)
+        metrics[spec.name] = METRICS.build(spec.config(), **defaults)
+    return metrics
 
 
 def metric_directions(tasks: Mapping[str, Task]) -> dict[str, bool]:
@@ -50,9 +55,14 @@ def metric_directions(tasks: Mapping[str, Task]) -> dict[str, bool]:
 class MetricTracker:
     """Accumulates losses and metrics of one split as additive per-sample statistics."""
 
-    def __init__(self, tasks: Mapping[str, Task], mtl_delta: Any | None = None) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, Task],
+        mtl_delta: Any | None = None,
+        threshold: float | None = None,
+    ) -> None:
         self.tasks = dict(tasks)
-        self.metrics = {name: build_metrics(task) for name, task in self.tasks.items()}
+        self.metrics = {name: build_metrics(task, threshold) for name, task in self.tasks.items()}
         self.mtl_delta = mtl_delta
         self.widths = [2 + sum(m.num_stats for m in ms.values()) for ms in self.metrics.values()]
         self.total = torch.zeros(sum(self.widths), dtype=torch.float64)
@@ -111,12 +121,14 @@ def evaluate(
     tasks: Mapping[str, Task],
     mtl_delta: Any | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
+    threshold: float | None = None,
 ) -> dict[str, float]:
     """Losses and metrics of ``model`` on ``loader`` (all processes get the same values).
 
-    ``objective`` provides the per-sample task losses (:class:`MultiTaskObjective`, unwrapped).
+    ``objective`` provides the per-sample task losses (:class:`MultiTaskObjective`, unwrapped);
+    ``threshold`` is ``eval.threshold`` (see :func:`build_metrics`).
     """
-    tracker = MetricTracker(tasks, mtl_delta)
+    tracker = MetricTracker(tasks, mtl_delta, threshold)
     was_training = model.training
     model.eval()
     try:

@@ -32,6 +32,21 @@ def agree_on_path(path: Path | None, make: Any, cpu: bool) -> Path:
     return Path(chosen[0])
 
 
+def fresh_accelerator_state() -> None:
+    """Let the next Accelerator of this process take its own settings.
+
+    accelerate keeps one process-wide ``AcceleratorState``, so a second Accelerator with another
+    ``mixed_precision`` (a sweep, or ``moekit results`` over an fp16 and an fp32 run) raises. In
+    a single process the state is dropped before each new Accelerator (the process group,
+    ``PartialState``, is kept); under a multi-process launch nothing is reset.
+    """
+    from accelerate.state import AcceleratorState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def make_accelerator(train: Mapping[str, Any], project_dir: Path | None = None) -> Accelerator:
     """An ``Accelerator`` configured by the ``train`` section.
 
@@ -50,6 +65,7 @@ def make_accelerator(train: Mapping[str, Any], project_dir: Path | None = None) 
         project = ProjectConfiguration(
             project_dir=str(project_dir), logging_dir=str(project_dir / "tensorboard")
         )
+    fresh_accelerator_state()
     return Accelerator(
         cpu=use_cpu(train),
         mixed_precision=train["mixed_precision"],

@@ -36,7 +36,7 @@ DATA: dict[str, Any] = {
     "pin_memory": None,
     "sampler": None,
 }
-EVAL: dict[str, Any] = {"monitor": None, "mode": None, "mtl_delta": None}
+EVAL: dict[str, Any] = {"monitor": None, "mode": None, "mtl_delta": None, "threshold": 0.5}
 SCHEDULER: dict[str, Any] = {
     "type": "constant",
     "warmup_epochs": 0,
@@ -97,3 +97,14 @@ def train_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(train["freeze"], str):
         train["freeze"] = [train["freeze"]]
     return train
+
+
+def eval_threshold(cfg: Mapping[str, Any]) -> float:
+    """The validated ``eval.threshold``: the probability threshold of every thresholded metric
+    not given its own ``threshold`` and of the prediction overlays (``sigmoid(x) > t``)."""
+    value = section(cfg, "eval", EVAL)["threshold"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"config key 'eval.threshold': expected a number in [0, 1), got {value!r}"
+        )
+    return float(value)

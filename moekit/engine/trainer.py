@@ -31,7 +31,7 @@ from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
 from moekit.engine.optim import named_parameters, set_frozen
 from moekit.engine.rundir import RunDir, close_log, new_run_path
 from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
-from moekit.engine.settings import DEBUG, EVAL, section, train_settings
+from moekit.engine.settings import DEBUG, EVAL, eval_threshold, section, train_settings
 from moekit.errors import ConfigError, TrainingError
 
 
@@ -65,6 +65,7 @@ class Trainer:
         if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
             self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
         self.debug = section(self.cfg, "debug", DEBUG)
+        self.threshold = eval_threshold(self.cfg)
         evaluation = section(self.cfg, "eval", EVAL)
         target = Path(resume) if resume is not None else run_dir
         path = agree_on_path(
@@ -134,7 +135,7 @@ class Trainer:
         has_val = "val" in self.loaders
         monitor = evaluation["monitor"] or ("val/loss" if has_val else "train/loss")
         split, _, column = monitor.partition("/")
-        columns = list(MetricTracker(self.exp.tasks, self.exp.mtl_delta).compute())
+        columns = list(MetricTracker(self.exp.tasks, self.exp.mtl_delta, self.threshold).compute())
         minimised = ["objective", *(f"aux/{term.name}" for term in self.exp.objective.aux_terms)]
         if split == "train":
             columns += minimised  # logged by training only
@@ -262,7 +263,7 @@ class Trainer:
         loader = self.loaders["train"]
         set_epoch(loader, epoch, self.seed, acc.process_index)
         self.objective.train()
-        tracker = MetricTracker(self.exp.tasks)
+        tracker = MetricTracker(self.exp.tasks, threshold=self.threshold)
         bare = acc.unwrap_model(self.objective)
         sums = torch.zeros(1 + len(bare.aux_terms), device=acc.device)
         batches = 0
@@ -359,7 +360,14 @@ class Trainer:
             disable=not sys.stderr.isatty() or not acc.is_main_process,
         )
         return evaluate(
-            acc, bare.model, bare, self.loaders[split], self.exp.tasks, self.exp.mtl_delta, bar
+            acc,
+            bare.model,
+            bare,
+            self.loaders[split],
+            self.exp.tasks,
+            self.exp.mtl_delta,
+            bar,
+            self.threshold,
         )
 
     def _update_best(self, rows: list[dict[str, Any]]) -> bool:

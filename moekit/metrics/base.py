@@ -34,6 +34,16 @@ from torch import Tensor
 
 from moekit.losses.task_losses import dense_targets, is_class_index
 
+DEFAULT_THRESHOLD = 0.5
+"""The probability threshold of every thresholded metric and of the prediction overlays, unless
+a metric is given its own ``threshold`` or the config sets ``eval.threshold``."""
+
+
+def above_threshold(probs: Tensor, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
+    """``probs > threshold``: the one rule that turns probabilities into hard predictions (metrics
+    and prediction overlays alike, so a pixel at exactly the threshold is negative in both)."""
+    return probs > threshold
+
 
 class Metric:
     """Base class of per-task metrics.
@@ -109,13 +119,17 @@ def nanmean(values: Tensor) -> float:
 
 
 def binarize(
-    preds: Tensor, targets: Tensor, threshold: float = 0.5, ignore_index: int | None = None
+    preds: Tensor,
+    targets: Tensor,
+    threshold: float = DEFAULT_THRESHOLD,
+    ignore_index: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hard predictions and targets as one-hot booleans ``[N, C, *spatial]``.
 
     Class-index targets: the prediction is the arg-max class; positions whose target is
     ``ignore_index`` are invalid. Dense targets: the prediction is ``sigmoid(x) > threshold``
-    per channel and the target is ``y > 0.5``. Returns ``(pred, target, valid [N, 1, *spatial])``.
+    per channel (:func:`above_threshold`) and the target is ``y > 0.5``. Returns ``(pred,
+    target, valid [N, 1, *spatial])``.
     """
     if is_class_index(preds, targets):
         valid = torch.ones_like(targets, dtype=torch.bool)
@@ -127,7 +141,7 @@ def binarize(
         target = F.one_hot(safe, num_classes).movedim(-1, 1).bool()
         return pred, target, valid.unsqueeze(1)
     target = dense_targets(preds, targets) > 0.5
-    pred = torch.sigmoid(preds.float()) > threshold
+    pred = above_threshold(torch.sigmoid(preds.float()), threshold)
     return pred, target, torch.ones_like(pred[:, :1])
 
 

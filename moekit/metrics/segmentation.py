@@ -1,7 +1,8 @@
 """Foreground overlap metrics for segmentation: IoU and Dice per class.
 
 Following the IDRiD seed, only foreground counts: with dense per-channel masks (one binary
-mask per lesion class, ``sigmoid > threshold``) every channel is a foreground class; with
+mask per lesion class, ``sigmoid > threshold``; the engine passes ``eval.threshold``, default
+0.5, to a metric not given its own) every channel is a foreground class; with
 class-index maps (``argmax``) the ``background`` class is left out. Two aggregations:
 
 - *dataset level* (the main value; the seed's way): intersections and unions are summed over
@@ -21,7 +22,14 @@ import torch
 from torch import Tensor
 
 from moekit.losses.task_losses import is_class_index
-from moekit.metrics.base import Metric, binarize, nanmean, per_sample_sum, safe_div
+from moekit.metrics.base import (
+    DEFAULT_THRESHOLD,
+    Metric,
+    binarize,
+    nanmean,
+    per_sample_sum,
+    safe_div,
+)
 from moekit.registry import METRICS
 
 
@@ -34,7 +42,7 @@ class OverlapMetric(Metric):
         self,
         num_classes: int,
         class_names: Sequence[str] | None = None,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
         background: int | None = 0,
         ignore_index: int | None = None,
     ) -> None:
