@@ -49,6 +49,7 @@ def test_config_checks_and_builds(path, capsys):
     assert list(model.heads) == tasks
     if path.stem.startswith("tiny_"):
         assert cfg["data"]["train"]["image_size"] == 64 and cfg["model"]["dim"] == 96
+        assert cfg["model"]["attention"]["head_dim"] == 32  # 2·C/num_heads, as the ViT-S
     if "stl" in path.stem:
         assert len(tasks) == 1 and cfg["data"]["train"]["tasks"] == tasks
     elif "finetune" not in path.stem and "dense" not in path.stem:
@@ -65,6 +66,7 @@ def test_paper_expert_counts_and_losses():
         attention, mlp = moe_layers(model, MoEAttention), moe_layers(model, MoEMLP)
         assert len(attention) == len(mlp) == 6  # every second block of 12
         assert (attention[0].num_experts, attention[0].router.k) == (experts, k)
+        assert attention[0].head_dim == 128  # 2·C/num_heads, as Mod-Squad's code
         assert (mlp[0].num_experts, mlp[0].router.k, mlp[0].hidden) == (16, 4, dim)
         assert attention[0].router.num_tasks == 5
     balance = config.load(FOLDER / "mmoe_balance.yaml")["aux_losses"]
@@ -90,20 +92,85 @@ def test_tiny_models_run_forward(name):
 
 
 @pytest.mark.slow
-def test_vit_small_flops_per_task_are_in_the_papers_range():
-    """Mod-Squad (Table 3): MTL ViT-S 4.6 GFLOPs, Mod-Squad ViT-S 5.2 GFLOPs (multiply-adds).
+def test_vit_small_flops_and_params_against_the_paper():
+    """Mod-Squad (Table 3, PASCAL-Context): MTL ViT-S 21M / 4.6 GFLOPs, Mod-Squad ViT-S
+    50M / 5.2 GFLOPs (multiply-adds).
 
-    moekit counts one (image, task) pass of the backbone: the dense ViT-S/16 at 224 is 4.6 G;
-    Mod-Squad's is a little lower (MoA shares one key/value head: multi-query attention).
+    moekit counts one (image, task) pass of the backbone. The dense ViT-S/16 at 224 is 4.6 G
+    and 21.7M. With MoA heads of width 2·C/num_heads = 128 (Mod-Squad's code) the MoE ViT-S
+    has the paper's 50M parameters and computes 4.92 G per task alone (4.97 G as counted here,
+    where one matmul applies the gates of all five tasks): 5 % under the paper's 5.2 G, a number
+    the paper also gives for M3ViT, whose MoE MLP costs what the dense MLP costs
+    (docs/modsquad.md, "FLOPs and parameters"). With the dense head width (64) it would be
+    44.9M and 4.33 G, under the dense model, which this range rejects.
     """
     from moekit.analysis.flops import count_flops
 
     image = torch.randn(1, 3, 224, 224)
-    backbone = {}
-    for name in ("vit_small", "mtl"):
+    backbone, params = {}, {}
+    for name in ("vit_small", "mtl", "m3vit"):
         torch.manual_seed(0)
         model = build(config.load(FOLDER / f"{name}.yaml"), "cpu").eval()
         counted = count_flops(model, image, {"shape": torch.tensor([True])})
         backbone[name] = counted.total - counted.per_module["heads"]
+        params[name] = sum(
+            p.numel() for n, p in model.named_parameters() if not n.startswith("heads.")
+        )
     assert backbone["mtl"] == pytest.approx(4.6e9, rel=0.01)
-    assert 4.2e9 < backbone["vit_small"] < 5.2e9
+    assert params["mtl"] == pytest.approx(21.7e6, rel=0.01)
+    assert 4.85e9 < backbone["vit_small"] < 5.0e9
+    assert 49e6 < params["vit_small"] < 51e6
+    assert backbone["m3vit"] == pytest.approx(backbone["mtl"], rel=0.02)  # k·H/k = H
+    assert params["m3vit"] == pytest.approx(43.3e6, rel=0.01)  # paper: 42M
+
+
+# Trivial-baseline bar of every tiny task on the test split: (metric, higher is better).
+BARS = {
+    "shape": ("accuracy", True),
+    "count": ("accuracy", True),
+    "semseg": ("miou", True),
+    "edge": ("f1", True),
+    "depth": ("rmse", False),
+}
+SHAPE_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="the tiny ViT does not learn shape classes from image labels in a CPU-minutes "
+    "budget (docs/modsquad.md, 'What runs on a CPU')",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_modsquad_run(tmp_path_factory):
+    """tiny_modsquad trained briefly (768 images, 4 epochs: about two minutes on one core) and
+    evaluated on its full test split, with the trivial baselines of that split."""
+    import json
+
+    from moekit.data.multitask_shapes import trivial_baselines
+    from moekit.registry import DATASETS
+
+    run = tmp_path_factory.mktemp("tiny_modsquad") / "run"
+    fast = ["data.train.num_samples=768", "data.val.num_samples=64", "train.epochs=4"]
+    args = ["train", str(FOLDER / "tiny_modsquad.yaml"), "--run-dir", str(run)]
+    assert main([*args, "--set", *fast, "+train.curves=false"]) == 0
+    assert main(["eval", str(run), "--split", "test", "--checkpoint", "best"]) == 0
+    scores = json.loads((run / "eval" / "test-best.json").read_text())
+    test_data = config.read_yaml(run / "config.yaml")["data"]["test"]
+    return scores, trivial_baselines(DATASETS.build(test_data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", [pytest.param("shape", marks=SHAPE_XFAIL), *list(BARS)[1:]])
+def test_tiny_modsquad_beats_the_trivial_baselines(tiny_modsquad_run, task):
+    scores, baselines = tiny_modsquad_run
+    metric, higher = BARS[task]
+    value, bar = _score(scores, f"{task}/{metric}"), baselines[task][metric]
+    assert (value > bar) if higher else (value < bar), f"{task}/{metric} {value} vs {bar}"
+
+
+def _score(scores, key):
+    """A metric from the JSON of ``moekit eval`` (flat ``split/task/metric`` keys or nested)."""
+    flat = scores.get("metrics", scores)
+    for name in (key, f"test/{key}"):
+        if name in flat:
+            return float(flat[name])
+    raise KeyError(f"{key} not in the eval output: {sorted(flat)[:8]}")

@@ -1,7 +1,7 @@
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moekit.data.multitask_shapes import multitask_shapes_tasks
 from moekit.errors import CheckpointError, ConfigError
@@ -133,9 +133,15 @@ def dense_vit_file(tmp_path):
     return dense, path
 
 
+def upcycled(**overrides):
+    model = build(**overrides)
+    model.init_pretrained()
+    return model
+
+
 def test_upcycled_identical_experts_reproduce_the_dense_vit(tmp_path):
     dense, path = dense_vit_file(tmp_path)
-    model = build(
+    model = upcycled(
         moe_attention_every=None,
         moe_mlp_every=1,
         task_embedding=False,
@@ -149,7 +155,7 @@ def test_upcycled_identical_experts_reproduce_the_dense_vit(tmp_path):
 
 def test_upcycled_narrow_experts_tile_the_dense_mlp(tmp_path):
     dense, path = dense_vit_file(tmp_path)
-    model = build(pretrained=str(path))
+    model = upcycled(pretrained=str(path))
     fc1 = dense.state_dict()["blocks.1.mlp.fc1.weight"]
     layer = model.blocks[1].mlp  # 6 experts of width 64 over a dense hidden of 128
     torch.testing.assert_close(layer.fc1.weight[0], fc1[:64].T)
@@ -159,10 +165,80 @@ def test_upcycled_narrow_experts_tile_the_dense_mlp(tmp_path):
     torch.testing.assert_close(model.blocks[1].attn.q_proj.weight[3], q[16:].T)
 
 
+def test_upcycled_wide_heads_take_groups_of_dense_heads(tmp_path):
+    """MoA heads twice the dense head width (Mod-Squad's ViT-S): a 32-wide expert over two
+    16-wide dense heads takes 32 consecutive query rows, i.e. two dense heads."""
+    dense, path = dense_vit_file(tmp_path)
+    attention = {"num_experts": 3, "head_dim": 32, "router": {"type": "topk", "k": 2}}
+    model = upcycled(attention=attention, pretrained=str(path))
+    qkv = dense.state_dict()["blocks.1.attn.qkv.weight"]
+    layer = model.blocks[1].attn
+    for e in range(3):  # a single group (dim 32 / head_dim 32): every expert is the whole query
+        torch.testing.assert_close(layer.q_proj.weight[e], qkv[:32].T)
+    torch.testing.assert_close(layer.kv.weight, qkv[32:])
+    proj = dense.state_dict()["blocks.1.attn.proj.weight"]
+    torch.testing.assert_close(layer.out_proj.weight[1], proj.T)
+
+
 def test_pretrained_errors_name_the_file(tmp_path):
+    missing = build(pretrained=str(tmp_path / "none.safetensors"))  # building reads nothing
     with pytest.raises(CheckpointError, match="not found"):
-        build(pretrained=str(tmp_path / "none.safetensors"))
+        missing.init_pretrained()
     bad = tmp_path / "bad.safetensors"
     save_file({"patch_embed.proj.weight": torch.zeros(1, 1, 1, 1)}, str(bad))
     with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight"):
-        build(pretrained=str(bad))
+        upcycled(pretrained=str(bad))
+    with pytest.raises(ConfigError, match=r"model\.pretrained: not set"):
+        build().init_pretrained()
+
+
+def test_building_does_not_read_the_pretrained_file(tmp_path):
+    _, path = dense_vit_file(tmp_path)
+    fresh = build()
+    recorded = build(pretrained=str(path))
+    assert recorded.pretrained == str(path)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), name  # same seed, nothing loaded
+
+
+@pytest.mark.slow
+def test_a_run_upcycled_from_a_file_loads_after_the_file_is_deleted(tmp_path):
+    """``moekit train`` upcycles a fresh run from ``model.pretrained``; the run's checkpoints
+    load (load_model, as eval/prune/flops do) and resume once that file is gone."""
+    from moekit import config
+    from moekit.engine import Trainer, load_model
+    from moekit.engine.checkpoint import MODEL_FILE
+
+    dense, path = dense_vit_file(tmp_path)
+    tasks = multitask_shapes_tasks(tasks=["shape", "depth"])
+    tasks["shape"]["loss"], tasks["depth"]["loss"] = ["cross_entropy"], ["l1"]
+    data = {"type": "multitask_shapes", "num_samples": 8, "image_size": 32}
+    data["tasks"] = ["shape", "depth"]
+    cfg = {
+        "seed": 0,
+        "tasks": tasks,
+        "model": {**TINY, "pretrained": str(path)},
+        "data": {"train": {**data, "split": "train"}, "batch_size": 8, "num_workers": 0},
+        "optimizer": {"type": "adamw", "lr": 1.0e-4, "weight_decay": 0.0},
+        "train": {"epochs": 1, "curves": False},
+    }
+    run = tmp_path / "run"
+    Trainer(cfg, run_dir=run).fit()
+    assert "initialised from pretrained" in (run / "train.log").read_text()
+    path.unlink()
+
+    model, saved, _ = load_model(run, "last")
+    assert saved["model"]["pretrained"] == str(path)  # the saved config is unchanged
+    trained = load_file(str(run / "checkpoints" / "last" / MODEL_FILE))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    # one AdamW step of lr 1e-4 from the upcycled weights: still next to the dense ones, while
+    # the same architecture without upcycling starts far from them
+    qkv = "blocks.0.attn.qkv.weight"
+    dense_qkv = dense.state_dict()[qkv]
+    assert (trained[qkv] - dense_qkv).abs().max() < 1e-3
+    assert (build().state_dict()[qkv] - dense_qkv).abs().max() > 1e-2
+
+    resumed = config.read_yaml(run / "config.yaml")
+    resumed["train"]["epochs"] = 2
+    assert Trainer(resumed, resume=run).fit()["status"] == "completed"

@@ -103,7 +103,7 @@ def _painted(scene, size):
 def test_labels_are_consistent_with_the_scene(dataset):
     size = dataset.image_size
     low = dataset.num_shapes[0]
-    overlaps = 0
+    overlaps = dominated = 0
     for index in range(len(dataset)):
         scene = dataset.render(index)
         objects = scene.objects
@@ -131,13 +131,18 @@ def test_labels_are_consistent_with_the_scene(dataset):
                 (scene.instances == k + 1).astype(np.uint8), connectivity=4
             )
             assert components == 2
-        # shape: the class of the object with the largest visible area
+        # shape: the class of the object with the largest visible area, which is the nearest
+        # object, at least 1.5 times the visible area of any other (one clear answer)
         areas = [(scene.instances == k + 1).sum() for k in range(len(objects))]
-        assert scene.shape == objects[int(np.argmax(areas))].shape
+        assert scene.shape == objects[int(np.argmax(areas))].shape == objects[-1].shape
+        if len(objects) > 1:
+            assert areas[-1] >= 1.5 * max(areas[:-1])
+            dominated += 1
         # edges: boundaries of the objects, which include every semseg boundary
         np.testing.assert_array_equal(scene.edge, boundary_map(scene.instances))
         assert (scene.edge >= boundary_map(scene.semseg)).all()
     assert overlaps > 0, "no occlusion was exercised"
+    assert dominated > len(dataset) // 2, "too few scenes with several objects"
 
 
 def test_class_balance_and_ranges(dataset):
@@ -211,6 +216,9 @@ def test_built_from_the_registry():
     [
         ({"split": "training"}, "unknown split 'training'"),
         ({"tasks": ["shapes"]}, "did you mean 'shape'"),
+        ({"tasks": ["shape", "shape"]}, "multitask_shapes: tasks must be a non-empty list"),
+        ({"tasks": []}, "non-empty list without repeats"),
+        ({"tasks": "shape"}, "must be a list of task names, got 'shape'"),
         ({"num_shapes": [3, 1]}, "num_shapes"),
         ({"label_fraction": {"semseg": 1.5}}, "label_fraction.semseg"),
         ({"label_fraction": {"normals": 0.5}}, "label_fraction names 'normals'"),

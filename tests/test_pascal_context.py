@@ -186,6 +186,10 @@ def test_clear_errors_for_a_wrong_root_or_split(tmp_path, replica):
     assert "ImageSets/Context/test.txt" in message and "['train', 'val']" in message
     with pytest.raises(ConfigError, match="did you mean 'normals'"):
         PascalContext(replica, tasks=["normal"])
+    with pytest.raises(ConfigError, match="pascal_context: tasks must be a non-empty list"):
+        PascalContext(replica, tasks=["sal", "sal"])
+    with pytest.raises(ConfigError, match="pascal_context: unknown task 'shape'"):
+        pascal_context_tasks(tasks=["shape"])
 
 
 def test_clear_errors_for_missing_or_bad_files(tmp_path):

@@ -77,7 +77,7 @@ def test_new_tasks_default_to_those_the_init_run_lacks(init_run):
     assert cfg["finetune"]["tasks"] == ["shape"]
 
 
-def test_routers_mode_trains_gates_and_new_heads_only(init_run):
+def test_routers_mode_trains_gates_task_embeddings_and_new_heads_only(init_run):
     exp, _ = finetuned(init_run)
     named = dict(exp.model.named_parameters())
     gates = gate_names(exp.model)
@@ -85,9 +85,11 @@ def test_routers_mode_trains_gates_and_new_heads_only(init_run):
     assert sum(named[n].numel() for n in gates) == 2 * 2 * 32 * (3 + 4)
     head = sum(p.numel() for n, p in named.items() if n.startswith("heads.shape."))
     assert head == 32 * 4 + 4
+    assert named["task_embed"].shape == (2, 32)  # one row per task, dim 32
     trainable = sum(p.numel() for p in exp.model.parameters() if p.requires_grad)
-    assert trainable == 2 * 2 * 32 * (3 + 4) + head
-    assert {n for n, p in named.items() if p.requires_grad} == {*gates, *_heads(named, "shape")}
+    assert trainable == 2 * 2 * 32 * (3 + 4) + 2 * 32 + head
+    expected = {*gates, "task_embed", *_heads(named, "shape")}
+    assert {n for n, p in named.items() if p.requires_grad} == expected
 
 
 def test_heads_mode_trains_the_new_heads_only(init_run):
@@ -117,7 +119,8 @@ def test_weights_load_by_task_name_and_shared_tasks_are_held(init_run):
         exp.optimizer.step()
     after = model.state_dict()
     for name, value in after.items():
-        if name in gate_names(model):
+        if name in gate_names(model) or name == "task_embed":
+            # row 0 (semseg, from the init run) is held; row 1 (shape, new) is trained
             torch.testing.assert_close(value[0], before[name][0], rtol=0, atol=0)
             assert not torch.equal(value[1], before[name][1]) or "noise" in name
         elif name.startswith("heads.shape."):

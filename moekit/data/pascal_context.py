@@ -58,8 +58,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from moekit.data.image_io import read_mask, read_rgb, resize_image, resize_mask
+from moekit.data.tasks import check_tasks
 from moekit.data.transforms import eval_transform
-from moekit.errors import ConfigError, DataError, did_you_mean
+from moekit.errors import ConfigError, DataError
 from moekit.registry import DATASETS
 
 TASK_NAMES: tuple[str, ...] = ("semseg", "human_parts", "sal", "normals", "edge")
@@ -115,7 +116,7 @@ def pascal_context_tasks(
         "edge": 1,
     }
     block: dict[str, dict[str, Any]] = {}
-    for name in _check_tasks(tasks):
+    for name in check_tasks("pascal_context", tasks, TASK_NAMES):
         block[name] = {"kind": TASK_KINDS[name], "num_classes": classes[name]}
         if name == "normals":
             block[name]["dense"] = True
@@ -291,21 +292,6 @@ _EXPECTED = {
 }
 
 
-def _check_tasks(tasks: Sequence[str]) -> list[str]:
-    tasks = list(tasks)
-    for name in tasks:
-        if name not in TASK_NAMES:
-            raise ConfigError(
-                f"pascal_context: unknown task '{name}'; valid: {', '.join(TASK_NAMES)}"
-                f"{did_you_mean(str(name), TASK_NAMES)}"
-            )
-    if not tasks or len(set(tasks)) != len(tasks):
-        raise ConfigError(
-            f"pascal_context: tasks must be a non-empty list without repeats, got {tasks}"
-        )
-    return tasks
-
-
 def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or any(int(s) < 1 for s in size):
@@ -360,7 +346,7 @@ class PascalContext(Dataset):
     ) -> None:
         self.root = Path(root)
         self.split = split
-        self.tasks = _check_tasks(tasks)
+        self.tasks = check_tasks("pascal_context", tasks, TASK_NAMES)
         self.image_size = _image_size(image_size)
         self.flip = split == "train" if flip is None else bool(flip)
         self.seed = int(seed)

@@ -15,16 +15,24 @@ initial run keep their trained router rows and heads, new tasks get fresh ones::
 
 - ``all``: initialise from the run and train every parameter (plain warm start);
 - ``heads``: train only the heads of the fine-tuned tasks (Mod-Squad's "Task" baseline);
-- ``routers``: train the heads and the router gates of the fine-tuned tasks. Gates stack one
-  row per task (``gate.weight [T, dim, E]``, ``gate.bias [T, E]``, the noise gate's too), so
-  the gate tensors are trainable and the rows of the *other* tasks are held: they are put back
-  after every optimizer step, so neither gradients, weight decay nor momentum move them.
+- ``routers``: train the heads, the router gates and the task embeddings of the fine-tuned
+  tasks. Gates stack one row per task (``gate.weight [T, dim, E]``, ``gate.bias [T, E]``, the
+  noise gate's too) and so does the task embedding (``task_embed [T, dim]``), so these tensors
+  are trainable and the rows of the *other* tasks are held: they are put back after every
+  optimizer step, so neither gradients, weight decay nor momentum move them. A new task's
+  embedding row starts from the model's fresh initialisation, as its gate rows do; it is part
+  of the task's routing (it is added to the tokens before every block, Mod-Squad eq. 4), so it
+  is tuned with them rather than left random.
 
 Freezing sets ``requires_grad`` on parameters, never on modules; frozen batch-norm layers
-also keep their running statistics (momentum 0). Everything else, task embeddings included,
-stays as trained, so the tasks shared with the init run compute exactly what they did.
-Weights are matched by name; per-task tensors (router gates and ``task_embed``) are matched
-row by row by task name.
+also keep their running statistics (momentum 0). Everything else stays as trained, so the
+tasks shared with the init run compute exactly what they did. Weights are matched by name;
+per-task tensors (router gates and ``task_embed``) are matched row by row by task name.
+
+A fresh run without ``finetune.init`` whose model has a ``pretrained`` weights file (a dense
+timm ViT to upcycle, :meth:`ModSquadViT.init_pretrained`) reads it here, in
+:func:`initialise`: building a model never reads it, so a run's checkpoints load after that
+file has moved.
 """
 
 from __future__ import annotations
@@ -173,10 +181,22 @@ def _shape_error(file: Path, key: str, value: Tensor, target: Tensor) -> str:
 
 
 def initialise(model: nn.Module, cfg: Mapping[str, Any]) -> str | None:
-    """Load ``finetune.init``'s weights into ``model`` (a fresh run); returns a log line."""
+    """Initialise the weights of a fresh run's ``model``; returns a log line (None: nothing).
+
+    From ``finetune.init``'s checkpoint when there is one; otherwise from the model's
+    ``pretrained`` file when it has one (``model.init_pretrained()``, e.g. upcycling a dense
+    ViT). A resumed run, ``load_model`` and the analysis tools never call this.
+    """
     settings = finetune_settings(cfg)
     if settings is None or settings["init"] is None:
-        return None
+        init_pretrained = getattr(model, "init_pretrained", None)
+        if init_pretrained is None or getattr(model, "pretrained", None) is None:
+            return None
+        counts = init_pretrained()
+        return (
+            f"initialised from pretrained {model.pretrained}: {counts['loaded']} tensors "
+            f"loaded, {counts['upcycled']} MoE layers upcycled"
+        )
     ckpt = _init_checkpoint(settings)
     counts = load_init_weights(model, list(cfg["tasks"]), ckpt)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -194,7 +214,8 @@ def freeze(
     cfg: Mapping[str, Any],
     optimizer: Optimizer | None = None,
 ) -> None:
-    """Freeze what the ``finetune.mode`` does not train; hold other tasks' gate rows.
+    """Freeze what the ``finetune.mode`` does not train; hold the other tasks' rows of the
+    per-task tensors that train (gates and task embedding, in ``routers`` mode).
 
     ``optimizer``: where to hold the rows (after every step); None when not training.
     """
@@ -208,14 +229,14 @@ def freeze(
             "config.yaml has them)"
         )
     heads = tuple(f"heads.{t}." for t in tuned)
-    gates = {n for n, kind in task_tensors(model, len(tasks)).items() if kind == "gate"}
+    per_task = set(task_tensors(model, len(tasks)))  # router gates and the task embedding
     named = dict(model.named_parameters())
     for t, prefix in zip(tuned, heads):
         if not any(n.startswith(prefix) for n in named):
             raise ConfigError(f"config key 'finetune.tasks': the model has no 'heads.{t}.*'")
     routers = settings["mode"] == "routers"
     for name, param in named.items():
-        param.requires_grad_(name.startswith(heads) or (routers and name in gates))
+        param.requires_grad_(name.startswith(heads) or (routers and name in per_task))
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
             p.requires_grad for p in module.parameters()
@@ -224,7 +245,7 @@ def freeze(
     if routers and optimizer is not None:
         held = torch.tensor([i for i, t in enumerate(tasks) if t not in tuned], dtype=torch.long)
         if held.numel():
-            hold_rows(optimizer, [named[n] for n in sorted(gates)], held)
+            hold_rows(optimizer, [named[n] for n in sorted(per_task)], held)
 
 
 def hold_rows(optimizer: Optimizer, params: Sequence[nn.Parameter], rows: Tensor) -> None:

@@ -13,7 +13,11 @@ one forward pass. The patch embedding is computed once per image, before the exp
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.{i}.norm1/attn/norm2/mlp``, ``norm``) so a dense timm checkpoint can
-initialise the shared parts (see :mod:`moekit.models.upcycle`).
+initialise the shared parts (see :mod:`moekit.models.upcycle`). That checkpoint (``pretrained``)
+is an initialisation, not part of the architecture: building the model never reads it;
+:meth:`ModSquadViT.init_pretrained` does, and ``moekit train`` calls it once for a fresh run
+(:func:`moekit.engine.finetune.initialise`). So loading a trained run (``load_model``, ``moekit
+eval``/``prune``/``flops``, ``--resume``) works after the dense file has moved.
 """
 
 from __future__ import annotations
@@ -112,7 +116,15 @@ class Block(nn.Module):
 @MODELS.register("modsquad_vit")
 class ModSquadViT(nn.Module):
     """Mod-Squad MoE ViT (Chen et al., CVPR 2023): MoA and MoE-MLP blocks, task routers,
-    task embeddings, one head per task; dense blocks where no MoE is configured."""
+    task embeddings, one head per task; dense blocks where no MoE is configured.
+
+    ``attention`` configures the MoA layers (:class:`moekit.moe.MoEAttention`): ``num_experts``,
+    ``router`` and ``head_dim`` (default ``dim / num_heads``, the dense head width; Mod-Squad's
+    ViT-S doubles it, see ``configs/modsquad/_modsquad.yaml``). ``mlp`` configures the MoE MLPs
+    (:class:`moekit.moe.MoEMLP`); its ``hidden`` defaults to ``mlp_ratio·dim / k``.
+    ``pretrained``: a dense timm ViT weights file, recorded here and read by
+    :meth:`init_pretrained` only.
+    """
 
     def __init__(
         self,
@@ -185,11 +197,20 @@ class ModSquadViT(nn.Module):
             }
         )
         self._init_weights()
-        if pretrained:
-            from moekit.models.upcycle import load_dense_vit
-
-            load_dense_vit(self, pretrained)
+        self.pretrained = str(pretrained) if pretrained else None
         name_moe_layers(self)
+
+    def init_pretrained(self) -> dict[str, int]:
+        """Initialise from the ``pretrained`` dense ViT file: load the shared parts and upcycle
+        the MoE layers (:func:`moekit.models.upcycle.load_dense_vit`); returns its counts.
+
+        Call it on a freshly built model; ``moekit train`` does for a new run.
+        """
+        if self.pretrained is None:
+            raise ConfigError("model.pretrained: not set; nothing to initialise from")
+        from moekit.models.upcycle import load_dense_vit
+
+        return load_dense_vit(self, self.pretrained)
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)

@@ -9,10 +9,15 @@ ICLR 2023) from the dense layer of the same block:
   (columns), cyclically, so the experts tile the dense hidden layer; every expert keeps the
   dense ``fc2`` bias. With ``H_e = H`` every expert is a copy of the dense MLP and the MoE layer
   reproduces it exactly whenever the combine weights sum to one.
-- **MoE attention (MoA)**, head width ``d_h`` equal to the dense head width: expert ``e`` takes
-  the query rows and output-projection columns of dense head ``e mod num_heads``; the shared key
-  and value projections are the mean of the dense heads' key and value projections; every
-  expert keeps the dense output bias.
+- **MoE attention (MoA)**, head width ``d_h`` a multiple ``g`` of the dense head width (``C``
+  must be a multiple of ``d_h``): the dense heads are read in ``G = C / d_h`` groups of ``g``
+  consecutive heads, i.e. ``d_h``-wide slices of the channels. Expert ``e`` takes slice
+  ``s = e mod G``: the query rows ``[s·d_h, (s+1)·d_h)`` of ``qkv`` (with their bias) and the
+  same columns of the output projection; the shared key and value projections are the mean of
+  the ``G`` slices of the dense key and value projections; every expert keeps the dense output
+  bias. With ``g = 1`` (``d_h`` = the dense head width) an expert is one dense head; with
+  ``g = 2`` (Mod-Squad's ViT-S MoA, ``d_h = 2C/num_heads``) one softmax spans two dense heads'
+  channels, so upcycled attention is a starting point, not a copy of the dense one.
 
 Position embeddings are resampled (timm's ``resample_abs_pos_embed``) when the grid differs.
 """
