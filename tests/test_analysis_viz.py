@@ -120,3 +120,18 @@ def test_display_and_label_maps():
     assert dense_map(seg, logits, is_target=False).tolist() == [[0, 1]]
     semseg = Task("m", "segmentation", 3, (), ())
     assert dense_map(semseg, torch.tensor([[0, 2]]), is_target=True).tolist() == [[0, 2]]
+
+
+@pytest.mark.parametrize(
+    "key, name",
+    [
+        ("val/seg/dice", "val_seg_dice.png"),
+        ("Δt (%)", "delta_t_pct.png"),
+        ("params θ=1% (M)", "params_theta_1pct_M.png"),
+        ("I(T;E)", "I_T_E.png"),
+    ],
+)
+def test_figure_names_spell_out_symbols(key, name):
+    from moekit.engine.curves import figure_name
+
+    assert figure_name(key) == name

@@ -213,6 +213,8 @@ def test_sweep_end_to_end_with_failure_interruption_and_resume(tmp_path, capsys)
 
     assert main(["sweep", str(path), *out, "--resume", "--only", "dense", "moe"]) == 0
     assert dense_weights.stat().st_mtime_ns == stamp, "the finished variant is not run again"
+    resumed = json.loads((study.directory / STATUS_FILE).read_text())
+    assert resumed["dense/0"]["seconds"] >= status["dense/0"]["seconds"], "its time is kept"
     moe_run = study.run_dir("moe", 0)
     assert "resumed" in (moe_run / "train.log").read_text()
     assert list(pd.read_csv(moe_run / "metrics.csv").query("split == 'train'")["epoch"]) == [1, 2]
@@ -223,3 +225,20 @@ def test_sweep_end_to_end_with_failure_interruption_and_resume(tmp_path, capsys)
     assert math.isnan(final.loc["dense", "experts"]), "a dense model selects no experts"
     assert final.loc["broken", "status"] == "failed"
     assert (study.directory / "figures" / "cls_acc.png").is_file()
+
+
+def test_best_variant_by_direction_and_none_when_all_tie():
+    from moekit.sweep.results import best_variants
+
+    frame = pd.DataFrame(
+        {
+            "variant": ["a", "b", "c"],
+            "acc": [0.5, 0.7, 0.7],
+            "loss": [0.3, math.nan, 0.1],
+            "dice": [0.0, 0.0, 0.0],
+            "n": [1.0, 2.0, 3.0],
+        }
+    )
+    directions = {"acc": True, "loss": False, "dice": True, "n": None}
+    assert best_variants(frame, directions) == {"acc": "b", "loss": "c"}
+    assert best_variants(frame.iloc[:1], {"dice": True}) == {"dice": "a"}

@@ -49,9 +49,14 @@ def figure_key(column: str) -> str:
     return "/".join(parts[:2])
 
 
+_SPELLED = {"Δ": "delta_", "θ": "theta", "%": "pct", "=": "_"}
+
+
 def figure_name(key: str) -> str:
-    """A file name for a figure key: ``seg/dice`` -> ``seg_dice.png``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") + ".png"
+    """A file name for a figure key: ``seg/dice`` -> ``seg_dice.png``, ``Δt (%)`` ->
+    ``delta_t_pct.png`` (symbols a column label uses are spelled out)."""
+    spelled = "".join(_SPELLED.get(char, char) for char in key)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spelled).strip("_") + ".png"
 
 
 def plot_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:

@@ -152,11 +152,12 @@ def summarize(study: Study, rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_variants(frame: pd.DataFrame, directions: Mapping[str, bool | None]) -> dict[str, str]:
-    """The best variant of each column with a direction (ties: the first)."""
+    """The best variant of each column with a direction (ties: the first). A column whose
+    variants all have the same value has no best one."""
     best = {}
     for label, higher in directions.items():
-        values = frame[label]
-        if higher is None or not values.map(math.isfinite).any():
+        values = frame[label][frame[label].map(math.isfinite)]
+        if higher is None or values.empty or (len(values) > 1 and values.nunique() == 1):
             continue
         index = values.idxmax() if higher else values.idxmin()
         best[label] = frame.loc[index, "variant"]

@@ -179,6 +179,9 @@ class StudyRunner:
             state = run_state(variant, run_dir)
             if state == "completed":
                 self.log("  finished earlier: not run again")
+                earlier = read_status(self.study).get(f"{variant.name}/{seed}", {})
+                if earlier.get("status") == "completed":  # keep the time it took to run
+                    start -= float(earlier.get("seconds", 0.0))
             else:
                 if variant.prune is not None:
                     self._extract(variant.prune, seed, run_dir, state)
