@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit import config
-from moekit.analysis.timing import summarize, time_alternating
+from moekit.analysis.timing import add_timing_arguments, summarize, time_alternating
 from moekit.moe import MoEModules, moe_layers, set_routing
 from moekit.moe.modules import pool
 from moekit.registry import MODELS, import_builtins
@@ -217,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, nargs=2, default=[128, 192], metavar=("H", "W"))
     parser.add_argument("--p", type=float, default=0.8)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    add_timing_arguments(parser, reps=10, warmup=2)
     parser.add_argument("--device", default="cpu")
     return parser
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.analysis.timing import PeakMemory, summarize, time_alternating
+from moekit.analysis.timing import PeakMemory, add_timing_arguments, summarize, time_alternating
 from moekit.moe.dispatch import STRATEGIES
 from moekit.moe.mlp import MoEMLP
 
@@ -267,10 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=384, help="hidden size of each expert")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_timing_arguments(parser, reps=20, warmup=3)
     parser.add_argument("--p", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
-    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-masked", action="store_true", help="skip the dense-masked MoE")
     return parser

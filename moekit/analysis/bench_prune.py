@@ -28,7 +28,7 @@ from torch import nn
 from moekit.analysis.flops import count_flops, count_parameters, task_model
 from moekit.analysis.prune import prune_model
 from moekit.analysis.runs import TrainedRun, check_task, only_task, split_loader, untrained_model
-from moekit.analysis.timing import summarize, time_alternating
+from moekit.analysis.timing import add_timing_arguments, summarize, time_alternating
 from moekit.analysis.usage import collect_usage
 
 
@@ -136,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", help="the task to extract (default: the first)")
     parser.add_argument("--keep-top", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--profile-batches", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    add_timing_arguments(parser, reps=10, warmup=2)
     return parser
 
 

@@ -8,7 +8,7 @@ applies one rule (:func:`moekit.analysis.prune.prune_model`), saves the model an
   every expert, ``T``'s head and gate rows) and after;
 - active parameters per token and FLOPs per image (multiply-adds, experts that ran only) on
   the first profiling batch, before and after, both for ``T`` alone: "before" is the full model
-  reduced to ``T`` by ``single_task`` (:func:`moekit.analysis.flops.task_model`), so other
+  reduced to ``T`` by ``single_task`` (:func:`moekit.analysis.flops.task_alone`), so other
   tasks' heads and gate rows count in neither column;
 - the task's first metric on the evaluation split (``moekit eval`` of both models);
 - the maximum absolute difference of ``T``'s outputs over the profiling split (0 up to float
@@ -46,7 +46,7 @@ from moekit.analysis.flops import (
     count_flops,
     count_parameters,
     routing_records,
-    task_model,
+    task_alone,
 )
 from moekit.analysis.prune import check_rule, prune_model, pruned_config
 from moekit.analysis.runs import TrainedRun, check_task, input_batch_size, only_task, progress
@@ -190,20 +190,13 @@ class TaskExtraction:
         )
         self.inputs = next(iter(self.profile)).inputs
         self.spec = self.run.tasks[task].metrics[0] if self.run.tasks[task].metrics else None
-        single = task_model(self.run.model, task)
-        if single is None:  # no single_task(): the other tasks are masked out instead
-            single, mask = self.run.model, self._only_task()
-        else:
-            mask = None
+        single, mask = task_alone(self.run.model, self.inputs, list(self.run.tasks), task)
         measured = self._measure(single, mask, self.run.path, checkpoint)
         self.before = {
             **measured,
             "params": count_parameters(self.run.model),
             "params_task": measured["params"],
         }
-
-    def _only_task(self) -> dict[str, torch.Tensor]:
-        return only_task(self.run.tasks, self.task, input_batch_size(self.inputs), "cpu")
 
     @property
     def metric(self) -> str:

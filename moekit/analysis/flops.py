@@ -132,21 +132,29 @@ class FlopCount:
 
 
 @contextmanager
-def traceable(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, and MoE layers on the traceable dispatch strategy."""
+def _inference_with_strategy(model: nn.Module, strategy: str) -> Iterator[None]:
+    """Eval mode, no gradients, and every MoE layer on the dispatch ``strategy``; the model's
+    mode and strategies are restored on exit."""
     layers = [layer for _, layer in moe_layers(model) if hasattr(layer, "strategy")]
     saved = [layer.strategy for layer in layers]
     training = model.training
     model.eval()
     for layer in layers:
-        layer.strategy = TRACEABLE_STRATEGY
+        layer.strategy = strategy
     try:
         with torch.no_grad():
             yield
     finally:
-        for layer, strategy in zip(layers, saved, strict=True):
-            layer.strategy = strategy
+        for layer, previous in zip(layers, saved, strict=True):
+            layer.strategy = previous
         model.train(training)
+
+
+@contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, and MoE layers on the traceable dispatch strategy."""
+    with _inference_with_strategy(model, TRACEABLE_STRATEGY):
+        yield
 
 
 class _Predictions(nn.Module):
@@ -239,19 +247,8 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
     torch's math backend: every matmul-type op is one torch's flop counter knows."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    layers = [layer for _, layer in moe_layers(model) if hasattr(layer, "strategy")]
-    saved = [layer.strategy for layer in layers]
-    training = model.training
-    model.eval()
-    for layer in layers:
-        layer.strategy = REFERENCE_STRATEGY
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        for layer, strategy in zip(layers, saved, strict=True):
-            layer.strategy = strategy
-        model.train(training)
+    with _inference_with_strategy(model, REFERENCE_STRATEGY), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def reference_macs(
@@ -279,17 +276,32 @@ def task_model(model: nn.Module, task: str) -> nn.Module | None:
     return single
 
 
-def task_counts(model: nn.Module, inputs: Any, task_names: list[str], task: str) -> dict[str, Any]:
-    """FLOPs and parameters of ``task`` alone (see the module docstring: only its head and its
-    gate rows count, through :func:`task_model`)."""
+def task_alone(
+    model: nn.Module, inputs: Any, task_names: list[str], task: str
+) -> tuple[nn.Module, dict[str, Tensor] | None]:
+    """``(network, task_mask)`` that runs ``task`` alone on ``inputs``: the copy of
+    :func:`task_model` and no mask, or, for a model without ``single_task``, the model itself
+    with the other tasks masked out."""
     from moekit.analysis.runs import input_batch_size, only_task
 
-    batch = input_batch_size(inputs)
     single = task_model(model, task)
-    mask, counted = None, "this task's head and gate rows"
-    if single is None:
-        single, mask = model, only_task(task_names, task, batch, _device(inputs))
-        counted = "all heads and gates (the model has no single_task)"
+    if single is not None:
+        return single, None
+    return model, only_task(task_names, task, input_batch_size(inputs), _device(inputs))
+
+
+def task_counts(model: nn.Module, inputs: Any, task_names: list[str], task: str) -> dict[str, Any]:
+    """FLOPs and parameters of ``task`` alone (see the module docstring: only its head and its
+    gate rows count, through :func:`task_alone`)."""
+    from moekit.analysis.runs import input_batch_size
+
+    batch = input_batch_size(inputs)
+    single, mask = task_alone(model, inputs, task_names, task)
+    counted = (
+        "this task's head and gate rows"
+        if mask is None
+        else "all heads and gates (the model has no single_task)"
+    )
     flops = count_flops(single, inputs, mask).total
     return {
         "flops": flops,

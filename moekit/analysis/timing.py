@@ -6,6 +6,7 @@ drifts during the run hits every variant alike; ratios are paired per repetition
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 import weakref
@@ -16,6 +17,14 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, reps: int, warmup: int) -> None:
+    """The options every ``moekit bench`` section takes: ``--reps``, ``--warmup``,
+    ``--threads``."""
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
 
 
 def sync(device: torch.device) -> None:
