@@ -145,6 +145,22 @@ def test_labels_are_consistent_with_the_scene(dataset):
     assert dominated > len(dataset) // 2, "too few scenes with several objects"
 
 
+def test_objects_are_brighter_than_the_background_in_every_channel(dataset):
+    pairs = distinct = 0
+    for index in range(len(dataset)):
+        scene = dataset.render(index)
+        image = scene.image.astype(np.float64) / 255
+        background = image[scene.instances == 0].mean(axis=0)
+        for k, obj in enumerate(scene.objects):
+            assert 0.55 <= min(obj.color) <= max(obj.color) <= 1.0
+            visible = image[scene.instances == k + 1].mean(axis=0)
+            assert (visible > background + 0.05).all(), (index, k, visible, background)
+            for other in scene.objects[:k]:
+                pairs += 1
+                distinct += np.abs(np.subtract(obj.color, other.color)).mean() >= 0.15
+    assert pairs > 0 and distinct >= 0.95 * pairs
+
+
 def test_class_balance_and_ranges(dataset):
     shapes = [int(dataset.arrays(i)["shape"]) for i in range(len(dataset))]
     counts = [int(dataset.arrays(i)["count"]) for i in range(len(dataset))]

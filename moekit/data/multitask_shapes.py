@@ -1,8 +1,8 @@
 """MultiTaskShapes: a procedural multi-task scene dataset for checking MoE claims on a CPU.
 
-Each image shows 1–4 shapes (circle, square, triangle, cross) of random colour, size, position
-and rotation on a textured background (stripes, smooth noise or checks in two random colours),
-with five targets of different nature:
+Each image shows 1–4 shapes (circle, square, triangle, cross) of random bright colour, size,
+position and rotation on a darker textured background (stripes, smooth noise or checks in two
+random dark colours), with five targets of different nature:
 
 ========  ===============  ====================================================================
 task      kind             target
@@ -17,9 +17,11 @@ depth     regression (1)   depth-like distance, ``float [1, H, W]`` (objects 0.2
 
 The scene is a small 2.5-D world: every object sits at a random depth, objects are painted far
 to near (so a nearer object occludes a farther one, consistent with the depth map), an
-object's apparent size scales with ``1 / depth`` and haze grows with depth, so depth is visible
-in the image. Every object keeps at least half of its area visible as one 4-connected region,
-so ``count`` equals the number of connected objects one can see. The nearest object dominates:
+object's apparent size scales with ``1 / depth`` and a dark haze grows with depth, so depth is
+visible in the image. Objects are brighter than the background in every channel (one contrast
+polarity, which a small ViT learns from scratch in CPU minutes; with free colours it does
+not). Every object keeps at least half of its area visible as one 4-connected region, so
+``count`` equals the number of connected objects one can see. The nearest object dominates:
 every other object has at most 0.7 times its radius, and a scene is kept only if the nearest
 object's visible area is at least 1.5 times any other's, so ``shape`` (the class of the
 largest visible object) has one clear answer (in generator version 1, one scene in ten had a
@@ -66,10 +68,21 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM_SHAPES: tuple[int, int] = (1, 4)
 
 # Bump when the generator changes so that caches written by an older version are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 OBJECT_DEPTH = (0.25, 0.6)
 _SIZE_AT_UNIT_DEPTH = (0.04, 0.06)  # apparent radius = size * U(range) / depth
+# Objects are brighter than the background in every channel (a fixed contrast polarity): the
+# channels of the two background colours are drawn in _BACKGROUND_LEVELS, an object's in
+# _OBJECT_LEVELS, at a mean channel gap of at least _OBJECT_COLOR_GAP from the scene's other
+# objects. With free colours (generator version 2) a small ViT trained from scratch does not
+# learn the silhouettes in CPU minutes (docs/modsquad.md, "What runs on a CPU").
+_BACKGROUND_LEVELS = (0.0, 0.4)
+_OBJECT_LEVELS = (0.55, 1.0)
+_OBJECT_COLOR_GAP = 0.15
+_COLOR_TRIES = 30
+# Depth darkens: a pixel at depth d is mixed with a dark haze level, weight _HAZE * d.
 _HAZE = 0.6
+_HAZE_LEVELS = (0.0, 0.25)
 _MIN_VISIBLE_FRACTION = 0.5
 _MIN_VISIBLE_PIXELS = 6
 _PLACEMENT_TRIES = 40
@@ -201,17 +214,16 @@ def render_scene(
     """Draw one scene from ``rng`` (see the module docstring for the rules)."""
     low, high = _shape_range(num_shapes)
     grid = _pixel_centers(size) / size
-    colors = rng.uniform(0.0, 1.0, (2, 3))
-    background = _texture(rng, grid, size, colors)
+    background = _texture(rng, grid, size, rng.uniform(*_BACKGROUND_LEVELS, (2, 3)))
     depth = _background_depth(rng, grid)
-    objects, instances = _place_objects(rng, size, int(rng.integers(low, high + 1)), low, colors)
+    objects, instances = _place_objects(rng, size, int(rng.integers(low, high + 1)), low)
 
     image = background
     for k, obj in enumerate(objects):
         visible = instances == k + 1
         image[visible] = obj.color
         depth[visible] = obj.depth
-    haze = rng.uniform(0.5, 0.9)
+    haze = rng.uniform(*_HAZE_LEVELS)
     image = image * (1 - _HAZE * depth[..., None]) + haze * _HAZE * depth[..., None]
     image += rng.normal(0.0, 0.03, image.shape)
     image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
@@ -261,19 +273,22 @@ def _background_depth(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
     return (base + tilt_x * (xx - 0.5) + tilt_y * (yy - 0.5)).astype(np.float64)
 
 
-def _object_color(rng: np.random.Generator, background: np.ndarray) -> tuple[float, float, float]:
-    """A colour unlike the background's two colours and their blend (mean channel gap >= 0.25)."""
-    references = np.vstack([background, background.mean(axis=0)])
-    color = rng.uniform(0, 1, 3)
-    for _ in range(30):
-        if np.abs(references - color).mean(axis=1).min() >= 0.25:
-            break
-        color = rng.uniform(0, 1, 3)
-    return (float(color[0]), float(color[1]), float(color[2]))
+def _object_colors(rng: np.random.Generator, count: int) -> list[tuple[float, float, float]]:
+    """``count`` colours with channels in ``_OBJECT_LEVELS``, each unlike the ones before it
+    (a draw closer than ``_OBJECT_COLOR_GAP``, as a mean channel gap, is redrawn up to
+    ``_COLOR_TRIES`` times)."""
+    colors: list[np.ndarray] = []
+    for _ in range(count):
+        for _ in range(_COLOR_TRIES):
+            color = rng.uniform(*_OBJECT_LEVELS, 3)
+            if all(np.abs(color - other).mean() >= _OBJECT_COLOR_GAP for other in colors):
+                break
+        colors.append(color)
+    return [(float(c[0]), float(c[1]), float(c[2])) for c in colors]
 
 
 def _place_objects(
-    rng: np.random.Generator, size: int, count: int, minimum: int, background: np.ndarray
+    rng: np.random.Generator, size: int, count: int, minimum: int
 ) -> tuple[list[ShapeObject], np.ndarray]:
     """Sample objects (far to near) and positions where each stays visible and connected.
 
@@ -286,7 +301,7 @@ def _place_objects(
     sampled = size * rng.uniform(*_SIZE_AT_UNIT_DEPTH, count) / depths
     reach = np.array([_EXTENT[SHAPE_CLASSES[s]] for s in shapes])
     angles = rng.uniform(0, 2 * np.pi, count)
-    colors = [_object_color(rng, background) for _ in range(count)]
+    colors = _object_colors(rng, count)
     scale = 1.0
     while True:
         radii = scale * _dominant_radii(sampled[:count])
