@@ -242,3 +242,18 @@ def test_a_run_upcycled_from_a_file_loads_after_the_file_is_deleted(tmp_path):
     resumed = config.read_yaml(run / "config.yaml")
     resumed["train"]["epochs"] = 2
     assert Trainer(resumed, resume=run).fit()["status"] == "completed"
+
+
+def test_conv_stem_patch_embedding():
+    model = build(patch_embed="conv")
+    assert model.patch_embed.grid_size == (4, 4)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.preds["shape"].shape == (2, 4) and out.preds["semseg"].shape == (2, 5, 32, 32)
+    with pytest.raises(ConfigError, match=r"patch_embed: unknown 'cnv'.*did you mean 'conv'"):
+        build(patch_embed="cnv")
+
+
+def test_a_dense_timm_file_does_not_fit_a_conv_stem(tmp_path):
+    _, path = dense_vit_file(tmp_path)
+    with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight"):
+        upcycled(patch_embed="conv", pretrained=str(path))

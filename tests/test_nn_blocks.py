@@ -3,10 +3,13 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from moekit.errors import ConfigError
 from moekit.nn.aspp import ASPP
 from moekit.nn.attention_pool import SpatialSelfAttention
 from moekit.nn.cls_head import DSConvClassifier
+from moekit.nn.conv_stem import ConvStemPatchEmbed, stem_widths
 from moekit.nn.deeplab_decoder import DeepLabDecoder
 from moekit.nn.dsconv import DSConv
 from moekit.nn.se import SqueezeExcitation
@@ -139,3 +142,51 @@ def test_spatial_self_attention_mixes_positions_and_gradients_flow():
     x2[0, :, 0, 0] = torch.randn(16)  # (a constant shift would vanish in the LayerNorm)
     assert not torch.allclose(attn(x2)[..., 3, 3], y[..., 3, 3])  # far position changes too
     assert_all_grads(attn.train(), torch.randn(2, 16, 3, 3, requires_grad=True))
+
+
+def test_conv_stem_widths_and_errors():
+    assert stem_widths(8, 96) == [24, 48, 96]
+    assert stem_widths(16, 384) == [48, 96, 192, 384]
+    assert stem_widths(2, 10) == [10]
+    with pytest.raises(ConfigError, match="power-of-two patch_size"):
+        stem_widths(6, 96)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        stem_widths(8, 90)
+    with pytest.raises(ConfigError, match="not a multiple of patch_size 8"):
+        ConvStemPatchEmbed((60, 64), 8, 3, 96)
+
+
+def test_conv_stem_matches_stride_two_convolutions_bn_relu_then_projection():
+    torch.manual_seed(0)
+    stem = ConvStemPatchEmbed((32, 48), 8, 3, 16).eval()
+    for module in stem.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, 3, 32, 48)
+    x = images
+    convs = [m for m in stem.stem if isinstance(m, nn.Conv2d)]
+    norms = [m for m in stem.stem if isinstance(m, nn.BatchNorm2d)]
+    for conv, norm in zip(convs, norms, strict=True):
+        x = F.conv2d(x, conv.weight, stride=2, padding=1)
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        x = (x - norm.running_mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None]
+        x = x.clamp_min(0)
+    w = stem.proj.weight[:, :, 0, 0]
+    expected = torch.einsum("dc,bchw->bhwd", w, x).flatten(1, 2) + stem.proj.bias
+    assert [c.out_channels for c in convs] == [4, 8, 16]
+    assert stem.grid_size == (4, 6) and stem.num_patches == 24
+    torch.testing.assert_close(stem(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_is_translation_equivariant_by_whole_patches():
+    """Shifting the image by one patch shifts the token grid by one (away from the border)."""
+    torch.manual_seed(0)
+    stem = ConvStemPatchEmbed((64, 64), 8, 3, 16).eval()
+    images = torch.zeros(1, 3, 64, 64)
+    images[..., 20:36, 20:36] = torch.randn(3, 16, 16)
+    shifted = torch.roll(images, shifts=8, dims=3)
+    grid = stem(images).reshape(8, 8, 16)
+    moved = stem(shifted).reshape(8, 8, 16)
+    torch.testing.assert_close(moved[1:7, 2:7], grid[1:7, 1:6], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moved[1:7, 1:6], grid[1:7, 1:6], atol=1e-3)

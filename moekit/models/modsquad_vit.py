@@ -30,11 +30,12 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moekit.errors import ConfigError
+from moekit.errors import ConfigError, did_you_mean
 from moekit.models.heads import default_head_type, scatter_rows
 from moekit.models.single_task import task_position
 from moekit.moe import MoEAttention, MoEMLP, keep_task_routers, name_moe_layers
 from moekit.moe.base import MoELayer
+from moekit.nn.conv_stem import ConvStemPatchEmbed
 from moekit.registry import HEADS, MODELS
 from moekit.routing.types import RoutingRecord
 from moekit.types import ModelOutput, Task
@@ -57,6 +58,24 @@ def moe_block_indices(
     if every < 1:
         raise ConfigError(f"model.{what}_every: expected a positive int, got {every}")
     return {i for i in range(depth) if (i + 1) % every == 0}
+
+
+PATCH_EMBEDS = ("linear", "conv")
+
+
+def build_patch_embed(
+    kind: str, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int
+) -> nn.Module:
+    """``linear``: timm's ``PatchEmbed`` (one ``p×p`` stride-``p`` convolution, as the paper);
+    ``conv``: a convolutional stem (:class:`moekit.nn.conv_stem.ConvStemPatchEmbed`)."""
+    if kind == "linear":
+        return PatchEmbed(img_size, patch_size, in_chans, dim)
+    if kind == "conv":
+        return ConvStemPatchEmbed(img_size, patch_size, in_chans, dim)
+    raise ConfigError(
+        f"model.patch_embed: unknown '{kind}'; valid: {', '.join(PATCH_EMBEDS)}"
+        f"{did_you_mean(str(kind), PATCH_EMBEDS)}"
+    )
 
 
 def expert_hidden(mlp: Mapping[str, Any], dim: int, mlp_ratio: float) -> int:
@@ -122,6 +141,8 @@ class ModSquadViT(nn.Module):
     ``router`` and ``head_dim`` (default ``dim / num_heads``, the dense head width; Mod-Squad's
     ViT-S doubles it, see ``configs/modsquad/_modsquad.yaml``). ``mlp`` configures the MoE MLPs
     (:class:`moekit.moe.MoEMLP`); its ``hidden`` defaults to ``mlp_ratio·dim / k``.
+    ``patch_embed``: ``linear`` (the paper's patchify convolution) or ``conv`` (a convolutional
+    stem, Xiao et al. 2021; the CPU-sized configs use it).
     ``pretrained``: a dense timm ViT weights file, recorded here and read by
     :meth:`init_pretrained` only.
     """
@@ -131,6 +152,7 @@ class ModSquadViT(nn.Module):
         tasks: Mapping[str, Task],
         img_size: int | Sequence[int] = 224,
         patch_size: int = 16,
+        patch_embed: str = "linear",
         in_chans: int = 3,
         dim: int = 384,
         depth: int = 12,
@@ -152,7 +174,7 @@ class ModSquadViT(nn.Module):
         self.task_names = list(tasks)
         num_tasks = len(self.task_names)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
+        self.patch_embed = build_patch_embed(patch_embed, img_size, patch_size, in_chans, dim)
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], dim))
