@@ -24,6 +24,7 @@ MODEL = {
     "type": "modsquad_vit",
     "img_size": 32,
     "patch_size": 8,
+    "patch_embed": "conv",  # batch norm in the (frozen) stem
     "dim": 32,
     "depth": 2,
     "num_heads": 2,
@@ -125,8 +126,20 @@ def test_weights_load_by_task_name_and_shared_tasks_are_held(init_run):
             assert not torch.equal(value[1], before[name][1]) or "noise" in name
         elif name.startswith("heads.shape."):
             assert not torch.equal(value, before[name]), name
-        elif not name.endswith("num_batches_tracked"):  # a counter; momentum 0 keeps the stats
+        else:  # frozen batch norm runs in eval mode: statistics and counter unchanged
             torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_frozen_batch_norm_normalises_with_its_running_statistics(init_run):
+    exp, _ = finetuned(init_run)
+    model = exp.model
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    expected = model.patch_embed(images)
+    model.train()
+    torch.testing.assert_close(model.patch_embed(images), expected, rtol=0, atol=0)
+    norms = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and model.training
 
 
 def test_errors_name_the_problem(init_run, tmp_path):

@@ -25,8 +25,10 @@ initial run keep their trained router rows and heads, new tasks get fresh ones::
   is tuned with them rather than left random.
 
 Freezing sets ``requires_grad`` on parameters, never on modules; frozen batch-norm layers
-also keep their running statistics (momentum 0). Everything else stays as trained, so the
-tasks shared with the init run compute exactly what they did. Weights are matched by name;
+run in eval mode even while the model trains: they normalise with their running statistics
+and never update them, so the new tasks train on the features they are evaluated on.
+Everything else stays as trained, so the tasks shared with the init run compute exactly what
+they did. Weights are matched by name;
 per-task tensors (router gates and ``task_embed``) are matched row by row by task name.
 
 A fresh run without ``finetune.init`` whose model has a ``pretrained`` weights file (a dense
@@ -208,6 +210,12 @@ def initialise(model: nn.Module, cfg: Mapping[str, Any]) -> str | None:
     )
 
 
+def _run_in_eval_mode(module: nn.Module, _inputs: tuple) -> None:
+    """Forward pre-hook of a frozen batch-norm layer: normalise with the running statistics
+    (``model.train()`` switches it back to training mode before every epoch)."""
+    module.train(False)
+
+
 def freeze(
     model: nn.Module,
     tasks: Sequence[str],
@@ -241,7 +249,7 @@ def freeze(
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
             p.requires_grad for p in module.parameters()
         ):
-            module.momentum = 0.0  # frozen: keep the running statistics too
+            module.register_forward_pre_hook(_run_in_eval_mode)
     if routers and optimizer is not None:
         held = torch.tensor([i for i, t in enumerate(tasks) if t not in tuned], dtype=torch.long)
         if held.numel():
