@@ -28,8 +28,8 @@ Freezing sets ``requires_grad`` on parameters, never on modules; frozen batch-no
 run in eval mode even while the model trains: they normalise with their running statistics
 and never update them, so the new tasks train on the features they are evaluated on.
 Everything else stays as trained, so the tasks shared with the init run compute exactly what
-they did. Weights are matched by name;
-per-task tensors (router gates and ``task_embed``) are matched row by row by task name.
+they did. Weights are matched by name; per-task tensors (router gates and ``task_embed``) are
+matched row by row by task name.
 
 A fresh run without ``finetune.init`` whose model has a ``pretrained`` weights file (a dense
 timm ViT to upcycle, :meth:`ModSquadViT.init_pretrained`) reads it here, in

@@ -31,13 +31,13 @@ def stem_widths(patch_size: int, dim: int) -> list[int]:
             f"model.patch_embed: a conv stem needs a power-of-two patch_size >= 2, got {patch_size}"
         )
     stages = patch_size.bit_length() - 1
-    widths = [dim >> (stages - 1 - i) for i in range(stages)]
-    if widths[0] < 1 or any(w << (stages - 1 - i) != dim for i, w in enumerate(widths)):
+    smallest = 1 << (stages - 1)
+    if dim < 1 or dim % smallest:
         raise ConfigError(
             f"model.patch_embed: a conv stem with patch_size {patch_size} needs dim divisible "
-            f"by {1 << (stages - 1)}, got {dim}"
+            f"by {smallest}, got {dim}"
         )
-    return widths
+    return [dim >> (stages - 1 - i) for i in range(stages)]
 
 
 class ConvStemPatchEmbed(nn.Module):
