@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "moekit.models",
     "moekit.data",
     "moekit.engine",
+    "moekit.projects",
 )
 
 

@@ -8,14 +8,14 @@ import torch
 from analysis_run import trained_run
 from torch import nn
 
-from moekit.analysis.extract import PAPER_THRESHOLDS, TaskExtraction
-from moekit.analysis.prune import (
+from moekit.analysis.extraction import (
     check_rule,
     experts_to_keep,
     prune_model,
     pruned_config,
     usage_row,
 )
+from moekit.analysis.extraction_report import PAPER_THRESHOLDS, TaskExtraction
 from moekit.analysis.runs import only_task
 from moekit.analysis.usage import ExpertUsage, collect_usage
 from moekit.cli import main

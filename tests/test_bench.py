@@ -2,9 +2,9 @@
 
 import torch
 
-from moekit.analysis import bench_moe
+from moekit.bench import moe as bench_moe
 from moekit.cli import main
-from moekit.commands.bench import sections
+from moekit.commands.bench import SECTIONS
 
 TINY = dict(batch=2, tokens=5, dim=16, experts=4, k=2, hidden=8, reps=2, warmup=1)
 
@@ -28,7 +28,7 @@ def test_bench_returns_numbers_and_markdown_rows():
 
 
 def test_bench_command_prints_the_table(capsys):
-    assert "moe" in sections()
+    assert "moe" in SECTIONS
     args = [
         "--batch",
         "1",
@@ -60,7 +60,7 @@ def test_bench_command_prints_the_table(capsys):
 
 
 def test_bench_prune_measures_full_and_extracted_models():
-    from moekit.analysis import bench_prune
+    from moekit.bench import extraction as bench_prune
 
     result = bench_prune.run(keep_tops=(0.25,), profile_batches=1, reps=1, warmup=0, threads=1)
     rows = {row["name"]: row for row in result["rows"]}

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from moekit import config
-from moekit.analysis.bench_idrid import markdown, run, seed_style
 from moekit.moe import set_routing
+from moekit.projects.idrid.bench import markdown, run, seed_style
 from moekit.registry import MODELS, import_builtins
 from moekit.types import tasks_from_config
 

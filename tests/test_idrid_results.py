@@ -10,7 +10,11 @@ import torch
 
 from moekit import config
 from moekit.analysis.predictions import TASK_COLOURS, balanced_picks, image_label, task_colours
-from moekit.analysis.results import (
+from moekit.commands.demo import check_config, replica_state
+from moekit.config import REPO_ROOT, shipped_path
+from moekit.data.idrid import LAYOUT
+from moekit.errors import ConfigError, DataError
+from moekit.projects.idrid.table import (
     SEED_SOURCE,
     majority_row,
     markdown,
@@ -19,10 +23,6 @@ from moekit.analysis.results import (
     table1,
     write_results,
 )
-from moekit.commands.demo import check_config, replica_state
-from moekit.config import REPO_ROOT, shipped_path
-from moekit.data.idrid import LAYOUT
-from moekit.errors import ConfigError, DataError
 from moekit.types import Task, tasks_from_config
 
 IDRID = REPO_ROOT / "configs" / "idrid"

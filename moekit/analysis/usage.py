@@ -14,7 +14,7 @@ From these: ``share[t, e] = count[t, e] / Σ_e' count[t, e']``, the share of tas
 selections that went to ``e`` (rows sum to 1), and ``rate[t, e] = count[t, e] / tokens[t]``,
 the probability that a token of task ``t`` uses ``e`` — Mod-Squad's usage frequency
 ``P(E_e | T_t)`` (Chen et al., CVPR 2023, §3.3), which its per-task extraction thresholds with
-θ (§3.5, :func:`moekit.analysis.prune.experts_to_keep`) and its Fig. 5 maps. Everything is
+θ (§3.5, :func:`moekit.analysis.extraction.experts_to_keep`) and its Fig. 5 maps. Everything is
 a pure function of the :class:`~moekit.routing.types.RoutingRecord` s a model returns.
 
 From forwards in which every input ran every task (``task_mask=None``) it also accumulates

@@ -1,31 +1,26 @@
 """``moekit bench SECTION [options]``: benchmarks that print a markdown table.
 
-Each section is a module ``moekit/analysis/bench_<section>.py`` exposing ``main(argv) -> int``
-(and ``run(...)`` returning the numbers); adding a section means adding such a module, nothing
-here changes. ``moekit bench SECTION --help`` shows the section's options.
+Each section is a module exposing ``main(argv) -> int`` (and ``run(...)`` returning the
+numbers), named in :data:`SECTIONS`: the generic benchmarks live in ``moekit/bench/``, a
+system's own in its ``moekit/projects/<system>/`` package. ``moekit bench SECTION --help``
+shows the section's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import pkgutil
 
-PREFIX = "bench_"
-
-
-def sections() -> list[str]:
-    """The available sections, found without importing them."""
-    spec = importlib.util.find_spec("moekit.analysis")
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    names = pkgutil.iter_modules(list(spec.submodule_search_locations))
-    return sorted(info.name[len(PREFIX) :] for info in names if info.name.startswith(PREFIX))
+SECTIONS = {
+    "moe": "moekit.bench.moe",
+    "prune": "moekit.bench.extraction",
+    "idrid": "moekit.projects.idrid.bench",
+}
+"""Section name -> module (imported only when the section runs)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    available = sections()
+    available = sorted(SECTIONS)
     parser = subparsers.add_parser(
         "bench",
         help="run a benchmark section and print its table",
@@ -38,5 +33,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"moekit.analysis.{PREFIX}{args.section}")
+    module = importlib.import_module(SECTIONS[args.section])
     return int(module.main(args.options) or 0)

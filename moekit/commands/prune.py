@@ -77,13 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from moekit.analysis.extract import (
+    from moekit.analysis.extraction import check_rule
+    from moekit.analysis.extraction_report import (
         PAPER_KEEP_TOPS,
         PAPER_THRESHOLDS,
         TaskExtraction,
         format_report,
     )
-    from moekit.analysis.prune import check_rule
     from moekit.engine.rundir import json_safe
 
     if not args.sweep:

@@ -89,19 +89,19 @@ def report(
     import pandas as pd
 
     from moekit.analysis.predictions import plot_predictions
-    from moekit.analysis.results import (
-        majority_row,
-        markdown,
-        result_row,
-        seed_rows,
-        write_results,
-    )
     from moekit.analysis.runs import split_loader
     from moekit.analysis.usage import collect_usage
     from moekit.engine import evaluate_run, load_model
     from moekit.engine.settings import eval_threshold
     from moekit.errors import ConfigError
     from moekit.moe import moe_layers
+    from moekit.projects.idrid.table import (
+        majority_row,
+        markdown,
+        result_row,
+        seed_rows,
+        write_results,
+    )
 
     runs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(r) for r in run_dirs]
     if not runs:

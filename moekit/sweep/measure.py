@@ -151,8 +151,8 @@ def analyse(
 
 
 def _pruned_params(run: Any, usage: Any, arg: Mapping[str, Any], tasks: list[str]) -> float:
+    from moekit.analysis.extraction import prune_model
     from moekit.analysis.flops import count_parameters
-    from moekit.analysis.prune import prune_model
 
     chosen = [arg["task"]] if arg.get("task") else tasks
     for task in chosen:

@@ -226,7 +226,7 @@ class StudyRunner:
         Trainer(variant.config(seed, self.overrides), run_dir=run_dir).fit()
 
     def _extract(self, spec: PruneSpec, seed: int, run_dir: Path, state: str) -> None:
-        from moekit.analysis.extract import TaskExtraction
+        from moekit.analysis.extraction_report import TaskExtraction
 
         source = self.study.run_dir(spec.source, seed)
         if run_state(self.study.variant(spec.source), source) != "completed":

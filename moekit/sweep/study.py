@@ -200,7 +200,7 @@ def _parse_prune(node: Any, where: str, known: Sequence[str]) -> PruneSpec:
         )
     if not isinstance(task, str):
         raise ConfigError(f"{where}.task: expected the name of the task to extract")
-    from moekit.analysis.prune import check_rule
+    from moekit.analysis.extraction import check_rule
 
     threshold, keep_top = node.get("threshold"), node.get("keep_top")
     try:

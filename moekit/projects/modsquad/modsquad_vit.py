@@ -13,11 +13,12 @@ one forward pass. The patch embedding is computed once per image, before the exp
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.{i}.norm1/attn/norm2/mlp``, ``norm``) so a dense timm checkpoint can
-initialise the shared parts (see :mod:`moekit.models.upcycle`). That checkpoint (``pretrained``)
-is an initialisation, not part of the architecture: building the model never reads it;
-:meth:`ModSquadViT.init_pretrained` does, and ``moekit train`` calls it once for a fresh run
-(:func:`moekit.engine.finetune.initialise`). So loading a trained run (``load_model``, ``moekit
-eval``/``prune``/``flops``, ``--resume``) works after the dense file has moved.
+initialise the shared parts (see :mod:`moekit.projects.modsquad.upcycle`). That checkpoint
+(``pretrained``) is an initialisation, not part of the architecture: building the model never
+reads it; :meth:`ModSquadViT.init_pretrained` does, and ``moekit train`` calls it once for a
+fresh run (:func:`moekit.engine.finetune.initialise`). So loading a trained run
+(``load_model``, ``moekit eval``/``prune``/``flops``, ``--resume``) works after the dense file
+has moved.
 """
 
 from __future__ import annotations
@@ -224,13 +225,14 @@ class ModSquadViT(nn.Module):
 
     def init_pretrained(self) -> dict[str, int]:
         """Initialise from the ``pretrained`` dense ViT file: load the shared parts and upcycle
-        the MoE layers (:func:`moekit.models.upcycle.load_dense_vit`); returns its counts.
+        the MoE layers (:func:`moekit.projects.modsquad.upcycle.load_dense_vit`); returns its
+        counts.
 
         Call it on a freshly built model; ``moekit train`` does for a new run.
         """
         if self.pretrained is None:
             raise ConfigError("model.pretrained: not set; nothing to initialise from")
-        from moekit.models.upcycle import load_dense_vit
+        from moekit.projects.modsquad.upcycle import load_dense_vit
 
         return load_dense_vit(self, self.pretrained)
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit import config
-from moekit.analysis.timing import add_timing_arguments, summarize, time_alternating
+from moekit.bench.timing import add_timing_arguments, summarize, time_alternating
 from moekit.moe import MoEModules, moe_layers, set_routing
 from moekit.moe.modules import pool
 from moekit.registry import MODELS, import_builtins

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.analysis.timing import PeakMemory, add_timing_arguments, summarize, time_alternating
+from moekit.bench.timing import PeakMemory, add_timing_arguments, summarize, time_alternating
 from moekit.moe.dispatch import STRATEGIES
 from moekit.moe.mlp import MoEMLP
 

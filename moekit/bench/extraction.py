@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.analysis.extraction import prune_model
 from moekit.analysis.flops import count_flops, count_parameters, task_model
-from moekit.analysis.prune import prune_model
 from moekit.analysis.runs import TrainedRun, check_task, only_task, split_loader, untrained_model
-from moekit.analysis.timing import add_timing_arguments, summarize, time_alternating
 from moekit.analysis.usage import collect_usage
+from moekit.bench.timing import add_timing_arguments, summarize, time_alternating
 
 
 def _inference(model: nn.Module, inputs: Any, mask: Any) -> Callable[[], None]:

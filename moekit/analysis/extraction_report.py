@@ -2,7 +2,7 @@
 
 :class:`TaskExtraction` loads the run once, counts expert usage on the profiling split
 (every sample runs every task) and measures the full model; :meth:`TaskExtraction.extract`
-applies one rule (:func:`moekit.analysis.prune.prune_model`), saves the model and reports
+applies one rule (:func:`moekit.analysis.extraction.prune_model`), saves the model and reports
 
 - parameters, before (the whole multi-task model, and ``T``'s part of it: the shared layers,
   every expert, ``T``'s head and gate rows) and after;
@@ -40,6 +40,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from moekit import config as config_io
+from moekit.analysis.extraction import check_rule, prune_model, pruned_config
 from moekit.analysis.flops import (
     UNIT,
     active_parameters,
@@ -48,7 +49,6 @@ from moekit.analysis.flops import (
     routing_records,
     task_alone,
 )
-from moekit.analysis.prune import check_rule, prune_model, pruned_config
 from moekit.analysis.runs import TrainedRun, check_task, input_batch_size, only_task, progress
 from moekit.analysis.usage import ExpertUsage, collect_usage
 from moekit.engine import checkpoint as ckpt_io
@@ -58,7 +58,7 @@ from moekit.moe import moe_layers
 
 PAPER_THRESHOLDS = (0.0, 0.001, 0.05, 0.2, 0.5, 0.9)
 """θ of Mod-Squad's Fig. 3 (0%, 0.1%, 5%, 20%, 50%, 90%): usage frequencies
-``count[T, e] / tokens[T]`` (:func:`moekit.analysis.prune.experts_to_keep`), so each value
+``count[T, e] / tokens[T]`` (:func:`moekit.analysis.extraction.experts_to_keep`), so each value
 keeps a different set of experts."""
 PAPER_KEEP_TOPS = (0.3, 0.4, 0.6, 0.8, 1.0)
 """H of Mod-Squad's Fig. 3 (30% ... 100%)."""

@@ -1,0 +1,1 @@
+"""Benchmarks (``moekit bench SECTION``) and the timing helpers they share."""
