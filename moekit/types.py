@@ -150,17 +150,27 @@ class Batch:
     """A multi-task batch of ``B`` samples.
 
     Attributes:
-        inputs: ``[B, C, H, W]`` images, or ``{modality: tensor}`` for multi-modal data.
+        inputs: ``[B, C, H, W]`` images, or ``{modality: tensor}`` for multi-modal data (the
+            dict's order is the modality order; shapes may differ per modality).
         targets: ``{task: tensor}`` with a row per sample (rows without a label hold a filler
             value and must be ignored).
         has_target: ``{task: bool[B]}``: which samples carry a label for the task.
-        meta: anything else per batch (sample ids, modality presence ``present[B, M]``...).
+        meta: anything else per batch (sample ids, ...).
+        present: ``bool[B, M]`` for multi-modal inputs: which modalities each sample has, the
+            columns in :attr:`modalities` order (``None`` for single-tensor inputs). An absent
+            modality's tensor is a filler no model may read.
     """
 
     inputs: Tensor | dict[str, Tensor]
     targets: dict[str, Tensor]
     has_target: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    present: Tensor | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modality names in column order of :attr:`present` (empty for a tensor input)."""
+        return () if isinstance(self.inputs, Tensor) else tuple(self.inputs)
 
     @property
     def first_input(self) -> Tensor:
@@ -177,6 +187,7 @@ class Batch:
             _to_device(self.targets, device),
             _to_device(self.has_target, device),
             _to_device(self.meta, device),
+            None if self.present is None else self.present.to(device, non_blocking=True),
         )
 
     def labelled(self, task: str) -> Tensor:
@@ -185,6 +196,15 @@ class Batch:
         if mask is None:
             return torch.zeros(self.batch_size, dtype=torch.bool, device=self.first_input.device)
         return mask
+
+
+def run_model(model: Any, batch: Batch, task_mask: Mapping[str, Tensor] | None = None) -> Any:
+    """``model(batch.inputs, task_mask=...)``, with ``present=batch.present`` for multi-modal
+    batches: the one calling convention of every moekit model (single-modality models need
+    not accept ``present``)."""
+    if batch.present is None:
+        return model(batch.inputs, task_mask=task_mask)
+    return model(batch.inputs, task_mask=task_mask, present=batch.present)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from moekit.analysis.figures import pyplot
 from moekit.data.collate import collate_samples
 from moekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from moekit.metrics.base import DEFAULT_THRESHOLD, above_threshold
-from moekit.types import Task
+from moekit.types import Task, run_model
 
 OVERLAY_ALPHA = 0.5
 TASK_COLOURS = (
@@ -225,7 +225,7 @@ def plot_predictions(
     batch = collate_samples([dataset[i] for i in picks])
     model.eval()
     with torch.no_grad():
-        preds = model(batch.inputs).preds
+        preds = run_model(model, batch).preds
     dense = [name for name, task in tasks.items() if task.is_dense]
     image_level = [name for name in tasks if name not in dense]
     colours = task_colours(tasks)

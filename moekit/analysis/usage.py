@@ -40,6 +40,7 @@ from moekit.errors import DataError
 from moekit.fileio import atomic_write_text
 from moekit.losses.aux_mutual_information import mutual_information_from_statistics
 from moekit.routing.types import RoutingRecord
+from moekit.types import run_model
 
 
 def _record_tasks(record: RoutingRecord) -> Tensor:
@@ -303,5 +304,5 @@ def collect_usage(
         for i, batch in enumerate(progress(batches)):
             if max_batches is not None and i >= max_batches:
                 break
-            usage.update(model(batch.to(device).inputs).routing)
+            usage.update(run_model(model, batch.to(device)).routing)
     return usage

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moekit.metrics.base import Metric
 from moekit.registry import METRICS, accepted_kwargs
-from moekit.types import Batch, Task
+from moekit.types import Batch, Task, run_model
 
 
 def build_metrics(task: Task, threshold: float | None = None) -> dict[str, Metric]:
@@ -134,7 +134,7 @@ def evaluate(
     try:
         for batch in progress(loader):
             with accelerator.autocast():
-                preds = model(batch.inputs, task_mask=batch.has_target).preds
+                preds = run_model(model, batch, batch.has_target).preds
             rows = tracker.rows(preds, batch, objective.sample_losses(preds, batch))
             tracker.accumulate(accelerator.gather_for_metrics(rows))
     finally:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.routing.types import RoutingRecord
-from moekit.types import Batch, Task
+from moekit.types import Batch, Task, run_model
 
 
 @dataclass
@@ -105,7 +105,7 @@ class MultiTaskObjective(nn.Module):
         return losses, per_row.masked_scatter(mask, losses.detach().float())
 
     def forward(self, batch: Batch, nan_task: str | None = None) -> StepOutput:
-        output = self.model(batch.inputs, task_mask=batch.has_target)
+        output = run_model(self.model, batch, batch.has_target)
         preds = output.preds
         device = next(iter(preds.values())).device
         counts = torch.stack([batch.labelled(t).to(device).sum() for t in self.task_names]).float()

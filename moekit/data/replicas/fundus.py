@@ -43,13 +43,17 @@ class FundusGeometry:
     disc_center: tuple[float, float]
     disc_radius: float
     macula_center: tuple[float, float]
+    cup_ratio: float = 0.44
+    """Vertical cup-to-disc ratio (healthy eyes about 0.3-0.5; glaucoma larger)."""
 
     @property
     def disc_diameter(self) -> float:
         return 2.0 * self.disc_radius
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, width: int, height: int) -> FundusGeometry:
+    def sample(
+        cls, rng: np.random.Generator, width: int, height: int, cup_ratio: float = 0.44
+    ) -> FundusGeometry:
         """A macula-centred view of a left or right eye with a little jitter."""
         radius = 0.41 * width * rng.uniform(0.97, 1.03)
         cx = width / 2 + rng.normal(0, 0.01 * width)
@@ -57,7 +61,8 @@ class FundusGeometry:
         side = 1.0 if rng.random() < 0.5 else -1.0  # disc on the right (right eye) or left
         disc = (cx + side * radius * rng.uniform(0.48, 0.56), cy + rng.normal(0, 0.04 * radius))
         macula = (cx - side * radius * rng.uniform(0.0, 0.06), cy + rng.normal(0, 0.03 * radius))
-        return cls(width, height, (cx, cy), radius, disc, radius * rng.uniform(0.11, 0.13), macula)
+        disc_radius = radius * rng.uniform(0.11, 0.13)
+        return cls(width, height, (cx, cy), radius, disc, disc_radius, macula, cup_ratio)
 
 
 def _fixed(point: tuple[float, float]) -> tuple[int, int]:
@@ -87,7 +92,7 @@ class FundusPainter:
         self.rng = rng
         h, w = geometry.height, geometry.width
         self.image = np.zeros((h, w, 3), np.float32)
-        self.masks = {name: np.zeros((h, w), np.uint8) for name in LESIONS}
+        self.masks = {name: np.zeros((h, w), np.uint8) for name in (*LESIONS, "cup")}
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         self._yy, self._xx = yy, xx
         self._r = np.hypot(xx - geometry.center[0], yy - geometry.center[1]) / geometry.radius
@@ -135,11 +140,13 @@ class FundusPainter:
         self.masks["OD"] = (disc >= 128).astype(np.uint8)
         alpha = cv2.GaussianBlur(disc.astype(np.float32) / 255.0, (0, 0), 0.12 * rd)
         _blend(self.image, 0.95 * alpha, np.array([0.97, 0.78, 0.47], np.float32))
-        cup_center = (
-            self.geometry.disc_center[0] + self.rng.normal(0, 0.1 * rd),
-            self.geometry.disc_center[1],
-        )
-        cup = self._ellipse_layer(cup_center, (0.42 * rd, 0.48 * rd), tilt)
+        ratio = self.geometry.cup_ratio
+        cup_axes = (0.955 * ratio * rd, 1.1 * ratio * rd)  # the disc's vertical axis is 1.1·rd
+        room = 0.5 * (rd - cup_axes[0])  # the cup stays inside the disc at any ratio
+        shift = float(np.clip(self.rng.normal(0, 0.1 * rd), -room, room))
+        cup_center = (self.geometry.disc_center[0] + shift, self.geometry.disc_center[1])
+        cup = self._ellipse_layer(cup_center, cup_axes, tilt)
+        self.masks["cup"] = (cup >= 128).astype(np.uint8) & self.masks["OD"]
         cup_alpha = cv2.GaussianBlur(cup.astype(np.float32) / 255.0, (0, 0), 0.15 * rd)
         _blend(self.image, 0.8 * cup_alpha, np.array([1.0, 0.93, 0.76], np.float32))
 
@@ -328,7 +335,8 @@ class FundusPainter:
 
     # ------------------------------------------------------------------ output
     def finish(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The ``uint8 [H, W, 3]`` photograph and the ``uint8`` 0/1 masks, cut to the field."""
+        """The ``uint8 [H, W, 3]`` photograph and the ``uint8`` 0/1 masks (the lesions and
+        ``cup``, the optic cup inside ``OD``), cut to the field."""
         image = cv2.GaussianBlur(self.image, (0, 0), 0.5)
         image += self.rng.normal(0, 0.012, image.shape).astype(np.float32)
         edge = 1.5 / self.geometry.radius
