@@ -201,6 +201,7 @@ WEIGHTINGS = Registry("WEIGHTINGS")
 DATASETS = Registry("DATASETS")
 METRICS = Registry("METRICS")
 TRANSFORMS = Registry("TRANSFORMS")
+PREPROCESS = Registry("PREPROCESS")
 
 REGISTRIES: dict[str, Registry] = {
     r.name: r
@@ -217,5 +218,6 @@ REGISTRIES: dict[str, Registry] = {
         DATASETS,
         METRICS,
         TRANSFORMS,
+        PREPROCESS,
     )
 }
