@@ -6,6 +6,7 @@ from moekit.moe.base import MoELayer
 from moekit.moe.mlp import MoEMLP
 from moekit.moe.modules import MoEModules
 from moekit.moe.naming import keep_task_routers, moe_layers, name_moe_layers, set_routing
+from moekit.moe.soft_moe import SoftMoE
 
 import_submodules(__name__)
 
@@ -14,6 +15,7 @@ __all__ = [
     "MoELayer",
     "MoEMLP",
     "MoEModules",
+    "SoftMoE",
     "keep_task_routers",
     "moe_layers",
     "name_moe_layers",
