@@ -8,8 +8,10 @@ The config language (docs/configs.md):
   ``_replace_: true`` replaces the inherited mapping instead of merging into it (use it to swap a
   component, e.g. a router of another type whose arguments differ).
 - Overrides ``a.b.c=value`` (``--set`` on the command line) change an existing key; the value
-  is parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None). A key that does not exist
-  is an error naming the closest existing keys; ``+a.b.c=value`` adds a new key.
+  is parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None). A key moekit documents
+  (:mod:`moekit.sections`: ``train.curves``, ``deterministic``...) can be set where the file
+  does not write it; any other key that does not exist is an error naming the closest existing
+  keys, and ``+a.b.c=value`` adds it.
 - The resolved config (a plain dict) is saved beside every run with :func:`save`.
 """
 
@@ -25,6 +27,7 @@ import yaml
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.fileio import atomic_write_text
+from moekit.sections import documented
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The moekit checkout (``configs/`` and ``experiments/`` live beside the ``moekit`` package)."""
@@ -71,11 +74,15 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(
+    base: Mapping[str, Any], override: Mapping[str, Any], keep_markers: bool = False
+) -> dict[str, Any]:
     """Return ``base`` updated recursively by ``override`` (neither input is modified).
 
     Mappings merge key by key; any other value in ``override`` replaces the one in ``base``.
-    A mapping in ``override`` with ``_replace_: true`` replaces instead of merging.
+    A mapping in ``override`` with ``_replace_: true`` replaces instead of merging. With
+    ``keep_markers`` the markers stay in the result, so that a file's tree still replaces what
+    it is merged over later (a fragment listed after another in ``_base_``).
     """
     merged = copy.deepcopy(dict(base))
     for key, value in override.items():
@@ -83,9 +90,12 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
             value = dict(value)
             replace = bool(value.pop(REPLACE_KEY, False))
             if not replace and isinstance(merged.get(key), Mapping):
-                merged[key] = deep_merge(merged[key], value)
+                merged[key] = deep_merge(merged[key], value, keep_markers)
                 continue
-            merged[key] = strip_replace_markers(value)
+            if keep_markers:
+                merged[key] = copy.deepcopy({REPLACE_KEY: True, **value} if replace else value)
+            else:
+                merged[key] = strip_replace_markers(value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -140,8 +150,8 @@ def _load_tree(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
         base_path = path.parent / base
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file '{base}' not found (looked at {base_path})")
-        merged = deep_merge(merged, _load_tree(base_path, (*stack, path)))
-    return deep_merge(merged, data)
+        merged = deep_merge(merged, _load_tree(base_path, (*stack, path)), keep_markers=True)
+    return deep_merge(merged, data, keep_markers=True)
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -154,7 +164,7 @@ def load_stack(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> di
     fragment's ``_replace_`` applies), then apply ``key=value`` overrides."""
     merged: dict[str, Any] = {}
     for path in paths:
-        merged = deep_merge(merged, _load_tree(Path(path), ()))
+        merged = deep_merge(merged, _load_tree(Path(path), ()), keep_markers=True)
     return apply_overrides(strip_replace_markers(merged), overrides)
 
 
@@ -214,7 +224,9 @@ def get(cfg: Mapping[str, Any], key: str, default: Any = ConfigError) -> Any:
 
 
 def set_key(cfg: dict[str, Any], key: str, value: Any, add: bool = False) -> None:
-    """Set a dotted key in place. Missing keys are an error unless ``add`` is true."""
+    """Set a dotted key in place. Missing keys are an error unless ``add`` is true or the key
+    is documented (:func:`moekit.sections.documented`)."""
+    add = add or documented(key)
     parts = key.split(".")
     node: Any = cfg
     for depth, part in enumerate(parts):

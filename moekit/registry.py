@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from moekit.errors import RegistryError, did_you_mean
+from moekit.errors import ConfigError, RegistryError, did_you_mean
 
 T = TypeVar("T", bound=Callable[..., Any])
 
-# Subpackages whose import registers the built-in entries. Listed here (not imported by
-# moekit/__init__) so that `import moekit.registry` stays cheap.
+# Subpackages whose import registers the built-in entries. Imported on a registry's first
+# lookup (not by moekit/__init__), so that `import moekit.registry` stays cheap.
 BUILTIN_MODULES = (
     "moekit.routing",
     "moekit.moe",
@@ -38,6 +39,10 @@ BUILTIN_MODULES = (
     "moekit.engine",
     "moekit.projects",
 )
+PLUGIN_GROUP = "moekit.plugins"
+"""Entry-point group of installed plugins: each entry names a module whose import registers
+its components (``[project.entry-points."moekit.plugins"] mine = "my_package.moekit"``)."""
+_loaded = {"builtins": False}
 
 
 def _definition_site(obj: Any) -> str:
@@ -86,18 +91,22 @@ class Registry:
         return f"Registry({self.name}, {sorted(self._entries)})"
 
     def __contains__(self, name: object) -> bool:
+        import_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.names())
 
     def __len__(self) -> int:
+        import_builtins()
         return len(self._entries)
 
     def names(self) -> list[str]:
+        import_builtins()
         return sorted(self._entries)
 
     def items(self) -> list[tuple[str, Callable[..., Any]]]:
+        import_builtins()
         return sorted(self._entries.items())
 
     def register(self, name: str | T | None = None) -> Any:
@@ -128,6 +137,8 @@ class Registry:
         """Return the entry called ``name``; unknown names list the valid ones."""
         if not isinstance(name, str):
             raise RegistryError(f"{self.name}: 'type' must be a string, got {name!r}")
+        if name not in self._entries:
+            import_builtins()
         try:
             return self._entries[name]
         except KeyError:
@@ -136,6 +147,27 @@ class Registry:
                 f"{self.name}: unknown type '{name}'; valid: {valid}"
                 f"{did_you_mean(name, self._entries)}"
             ) from None
+
+    def check(self, cfg: Mapping[str, Any] | str, where: str, provided: Iterable[str] = ()) -> None:
+        """Check a component config without building it: its ``type`` is registered and every
+        argument is one the entry accepts. ``provided`` names arguments the owner passes (and
+        keys the owner consumes); missing arguments are left to :meth:`build`."""
+        if isinstance(cfg, str):
+            cfg = {"type": cfg}
+        try:
+            fn = self.get(cfg.get("type"))
+        except RegistryError as exc:
+            raise ConfigError(f"config key '{where}.type': {exc}") from None
+        accepted, var_kw = accepted_kwargs(fn)
+        if var_kw:
+            return
+        for key in cfg:
+            if key != "type" and key not in accepted and key not in provided:
+                raise ConfigError(
+                    f"config key '{where}.{key}': {self.name} '{cfg['type']}' does not accept "
+                    f"'{key}'{did_you_mean(str(key), accepted)}; accepted: "
+                    f"{', '.join(accepted) or '(none)'}"
+                )
 
     def build(self, cfg: Mapping[str, Any] | str, /, **defaults: Any) -> Any:
         """Build one object from ``{"type": name, **kwargs}`` (or just a name).
@@ -184,9 +216,44 @@ def summary_line(obj: Any) -> str:
 
 
 def import_builtins() -> None:
-    """Import every built-in module so that the registries are filled."""
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    """Import every built-in module and installed plugin so that the registries are filled
+    (once; every registry lookup calls it, so registries are populated on first use)."""
+    if _loaded["builtins"]:
+        return
+    _loaded["builtins"] = True
+    try:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        for entry in entry_points(group=PLUGIN_GROUP):
+            where = f"plugin '{entry.name}' (entry point group {PLUGIN_GROUP})"
+            import_module(entry.value, where)
+    except BaseException:
+        _loaded["builtins"] = False
+        raise
+
+
+def import_module(name: str, where: str) -> None:
+    """Import a user's module (its import registers components); a module that is not
+    importable is a one-line :class:`ConfigError` naming ``where``."""
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            raise ConfigError(f"{where}: no module named '{name}' (is it on PYTHONPATH?)") from None
+        raise
+
+
+def import_user_modules(cfg: Mapping[str, Any]) -> None:
+    """Import the built-ins, the plugins and the config's ``imports:`` (a list of module names,
+    like mmengine's ``custom_imports``), before anything of the config is built."""
+    import_builtins()
+    modules = cfg.get("imports") or []
+    if isinstance(modules, str) or not isinstance(modules, list):
+        raise ConfigError(f"config key 'imports': expected a list of module names, got {modules!r}")
+    for i, module in enumerate(modules):
+        if not isinstance(module, str):
+            raise ConfigError(f"config key 'imports[{i}]': expected a module name, got {module!r}")
+        import_module(module, f"config key 'imports[{i}]'")
 
 
 ROUTERS = Registry("ROUTERS")
@@ -202,6 +269,9 @@ DATASETS = Registry("DATASETS")
 METRICS = Registry("METRICS")
 TRANSFORMS = Registry("TRANSFORMS")
 PREPROCESS = Registry("PREPROCESS")
+OPTIMIZERS = Registry("OPTIMIZERS")
+LR_SCHEDULERS = Registry("LR_SCHEDULERS")
+SAMPLERS = Registry("SAMPLERS")
 
 REGISTRIES: dict[str, Registry] = {
     r.name: r
@@ -219,5 +289,8 @@ REGISTRIES: dict[str, Registry] = {
         METRICS,
         TRANSFORMS,
         PREPROCESS,
+        OPTIMIZERS,
+        LR_SCHEDULERS,
+        SAMPLERS,
     )
 }

@@ -17,9 +17,29 @@ from torch import Tensor
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.routing.types import RoutingRecord
+from moekit.schema import Field, Section, anything, boolean, integer, list_of, optional, string
 
 TaskKind = Literal["multiclass", "multilabel", "segmentation", "regression"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+
+
+TASK_OPTIONS = ("dense", "class_names")
+"""Optional task keys kept in :attr:`Task.options`."""
+
+
+def _task_section(where: str) -> Section:
+    """The keys of one task spec (``tasks.<name>``)."""
+    return Section(
+        where,
+        {
+            "kind": Field(None, string, f"one of {', '.join(TASK_KINDS)}", required=True),
+            "num_classes": Field(1, integer(1), "classes, labels or output channels"),
+            "loss": Field([], anything, "weighted TASK_LOSSES terms"),
+            "metrics": Field([], list_of(anything), "METRICS entries"),
+            "dense": Field(None, optional(boolean), "per-pixel regression (segmentation is)"),
+            "class_names": Field(None, optional(list_of(string)), "names of the classes"),
+        },
+    )
 
 
 def _spec_dict(entry: Any, where: str) -> dict[str, Any]:
@@ -28,7 +48,9 @@ def _spec_dict(entry: Any, where: str) -> dict[str, Any]:
         return {"type": entry}
     if isinstance(entry, Mapping) and isinstance(entry.get("type"), str):
         return dict(entry)
-    raise ConfigError(f"{where}: expected a name or a mapping with 'type', got {entry!r}")
+    raise ConfigError(
+        f"config key '{where}': expected a name or a mapping with 'type', got {entry!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,35 +115,32 @@ class Task:
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> Task:
         where = f"tasks.{name}"
         if not isinstance(cfg, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {cfg!r}")
-        kind = cfg.get("kind")
+            raise ConfigError(f"config key '{where}': expected a mapping, got {cfg!r}")
+        spec = _task_section(where).parse(cfg)
+        kind = spec["kind"]
         if kind not in TASK_KINDS:
             raise ConfigError(
-                f"{where}.kind: '{kind}' is not a task kind; valid: {', '.join(TASK_KINDS)}"
-                f"{did_you_mean(str(kind), TASK_KINDS)}"
+                f"config key '{where}.kind': '{kind}' is not a task kind; valid: "
+                f"{', '.join(TASK_KINDS)}{did_you_mean(str(kind), TASK_KINDS)}"
             )
-        num_classes = cfg.get("num_classes", 1)
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ConfigError(f"{where}.num_classes: expected a positive int, got {num_classes!r}")
-        raw_loss = cfg.get("loss", [])
+        raw_loss = spec["loss"]
         raw_loss = [raw_loss] if isinstance(raw_loss, str | Mapping) else list(raw_loss)
         loss = []
         for i, entry in enumerate(raw_loss):
-            spec = _spec_dict(entry, f"{where}.loss[{i}]")
-            weight = float(spec.pop("weight", 1.0))
-            loss.append(LossTerm(spec.pop("type"), weight, spec))
+            term = _spec_dict(entry, f"{where}.loss[{i}]")
+            weight = float(term.pop("weight", 1.0))
+            loss.append(LossTerm(term.pop("type"), weight, term))
         metrics = []
-        for i, entry in enumerate(cfg.get("metrics", []) or []):
-            spec = _spec_dict(entry, f"{where}.metrics[{i}]")
-            metric_type = spec.pop("type")
-            metric_name = spec.pop("name", metric_type)
-            direction = spec.pop("higher_is_better", None)
+        for i, entry in enumerate(spec["metrics"]):
+            metric = _spec_dict(entry, f"{where}.metrics[{i}]")
+            metric_type = metric.pop("type")
+            metric_name = metric.pop("name", metric_type)
+            direction = metric.pop("higher_is_better", None)
             if direction is None:
                 direction = _metric_direction(metric_type, f"{where}.metrics[{i}]")
-            metrics.append(MetricSpec(metric_type, metric_name, bool(direction), spec))
-        known = {"kind", "num_classes", "loss", "metrics"}
-        options = {k: v for k, v in cfg.items() if k not in known}
-        return cls(name, kind, num_classes, tuple(loss), tuple(metrics), options)
+            metrics.append(MetricSpec(metric_type, metric_name, bool(direction), metric))
+        options = {k: spec[k] for k in TASK_OPTIONS if spec[k] is not None}
+        return cls(name, kind, spec["num_classes"], tuple(loss), tuple(metrics), options)
 
     @property
     def is_dense(self) -> bool:
@@ -157,8 +176,9 @@ class Batch:
         has_target: ``{task: bool[B]}``: which samples carry a label for the task.
         meta: anything else per batch (sample ids, ...).
         present: ``bool[B, M]`` for multi-modal inputs: which modalities each sample has, the
-            columns in :attr:`modalities` order (``None`` for single-tensor inputs). An absent
-            modality's tensor is a filler no model may read.
+            columns in :attr:`modalities` order (``None`` for single-tensor inputs; all True
+            when a dict of inputs is given without it). An absent modality's tensor is a
+            filler (zeros from :func:`moekit.data.collate.collate_samples`) no model may read.
     """
 
     inputs: Tensor | dict[str, Tensor]
@@ -166,6 +186,18 @@ class Batch:
     has_target: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     present: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, Tensor) or not self.inputs:
+            return
+        shape = (self.batch_size, len(self.inputs))
+        if self.present is None:
+            self.present = torch.ones(shape, dtype=torch.bool, device=self.first_input.device)
+        elif self.present.dtype != torch.bool or tuple(self.present.shape) != shape:
+            raise ValueError(
+                f"Batch.present: expected bool{list(shape)} (batch, modalities "
+                f"{list(self.inputs)}), got {self.present.dtype}{list(self.present.shape)}"
+            )
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -189,6 +221,14 @@ class Batch:
             _to_device(self.meta, device),
             None if self.present is None else self.present.to(device, non_blocking=True),
         )
+
+    def modality_present(self, modality: str) -> Tensor:
+        """``bool[B]``: which samples have ``modality`` (its column of :attr:`present`)."""
+        if modality not in self.modalities:
+            raise KeyError(
+                f"Batch has no modality '{modality}'; modalities: {list(self.modalities)}"
+            )
+        return self.present[:, self.modalities.index(modality)]
 
     def labelled(self, task: str) -> Tensor:
         """``bool[B]`` mask of samples labelled for ``task`` (all False if the task is absent)."""

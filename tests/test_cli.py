@@ -45,15 +45,19 @@ def test_config_show_prints_resolved_config(tmp_path, capsys):
     assert out == "train:\n  epochs: 3\nmodel:\n  type: tiny\n  dim: 8\n"
 
 
-def test_config_check_reports_type_typo_with_key_and_suggestion(tmp_path, capsys, fake_router):
+def test_config_check_reports_type_typo_with_key_and_suggestion(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text("model:\n  head:\n    router: {type: top-p, p: 0.4}\n")
-    assert main(["config", "check", str(cfg)]) == 2
+    tasks = "tasks: {t: {kind: multiclass, num_classes: 2, loss: cross_entropy}}\n"
+    model = "model:\n  type: tiny_mtl\n  moe:\n    router: {{type: {}, p: 0.4}}\n"
+    cfg.write_text(tasks + model.format("top-p"))
+    assert main(["config", "check", str(cfg), "--no-data"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"moekit: error: {cfg}: model.head.router.type: ROUTERS: unknown type")
+    assert err.startswith(
+        f"moekit: error: {cfg}: config key 'model.moe.router.type': ROUTERS: unknown type"
+    )
     assert "did you mean 'top_p'" in err and err.count("\n") == 1
-    cfg.write_text("model:\n  head:\n    router: {type: top_p, p: 0.4}\n")
-    assert main(["config", "check", str(cfg)]) == 0
+    cfg.write_text(tasks + model.format("top_p"))
+    assert main(["config", "check", str(cfg), "--no-data"]) == 0
 
 
 def test_missing_file_is_exit_2_and_debug_shows_traceback(tmp_path, capsys):

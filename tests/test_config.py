@@ -194,6 +194,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
     ids=lambda p: str(p.relative_to(CONFIGS)),
 )
 def test_every_shipped_config_resolves_and_names_registered_types(path):
-    from moekit.config_check import check_types
+    from moekit.engine.config_check import check_config
 
-    check_types(config.load(path), source=str(path))
+    check_config(config.load(path), source=str(path))

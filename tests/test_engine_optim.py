@@ -73,7 +73,7 @@ def test_schedules_with_warmup():
     step = lrs("step", step_size=2, gamma=0.1)
     assert step[9] == 1.0 and step[10] == pytest.approx(0.1)
     assert lrs("constant", warmup_steps=2)[:3] == [0.5, 1.0, 1.0]
-    with pytest.raises(ConfigError, match=r"scheduler.type.*'cosine'"):
+    with pytest.raises(ConfigError, match=r"LR_SCHEDULERS: unknown type 'cosin'.*'cosine'"):
         lrs("cosin")
 
 

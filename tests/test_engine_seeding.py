@@ -10,9 +10,9 @@ from moekit.data.synthetic_tensors import SyntheticTensors
 from moekit.engine.data import EpochSampler
 from moekit.engine.launch import make_accelerator
 from moekit.engine.seeding import seed_everything
-from moekit.engine.settings import TRAIN
 from moekit.errors import ConfigError
 from moekit.rng import derived_seed
+from moekit.sections import TRAIN
 
 
 def draws():
@@ -67,4 +67,4 @@ def test_tensorboard_needs_the_package():
     if is_tensorboard_available():
         pytest.skip("tensorboard is installed")
     with pytest.raises(ConfigError, match="tensorboard is not installed"):
-        make_accelerator({**TRAIN, "log_with": "tensorboard"})
+        make_accelerator({**TRAIN.defaults(), "log_with": "tensorboard"})

@@ -166,7 +166,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         "+train.epoch=3": "'train.epoch' is not known; did you mean 'epochs'",
         "eval.monitor=val/cls/acc": "'eval.monitor': 'val/cls/acc' is not logged",
         "train.freeze=[decoder]": "matches no parameter",
-        "model.type=tiny_mtll": "model.type: MODELS: unknown type 'tiny_mtll'",
+        "model.type=tiny_mtll": "'model.type': MODELS: unknown type 'tiny_mtll'",
         "weighting={type: fixed}": "WEIGHTINGS 'fixed' needs 'weights'",
     }
     run_dir = tmp_path / "run"

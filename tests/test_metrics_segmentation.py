@@ -125,11 +125,11 @@ def test_eval_threshold_reaches_every_thresholded_metric_without_its_own():
 
 
 def test_eval_threshold_key_default_and_validation():
-    from moekit.engine.settings import eval_threshold
     from moekit.errors import ConfigError
+    from moekit.sections import settings
 
-    assert eval_threshold({}) == 0.5
-    assert eval_threshold({"eval": {"threshold": 0.35}}) == 0.35
+    assert settings({}, "eval")["threshold"] == 0.5
+    assert settings({"eval": {"threshold": 0.35}}, "eval")["threshold"] == 0.35
     for bad in (1.5, -0.1, "0.5", True):
         with pytest.raises(ConfigError, match=r"eval\.threshold"):
-            eval_threshold({"eval": {"threshold": bad}})
+            settings({"eval": {"threshold": bad}}, "eval")

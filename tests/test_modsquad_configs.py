@@ -41,7 +41,8 @@ def test_the_issue_lists_every_config():
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
 def test_config_checks_and_builds(path, capsys):
-    assert main(["config", "check", str(path)]) == 0
+    no_data = ["--no-data"] if path.stem.startswith("pascal_") else []  # no PASCAL-Context here
+    assert main(["config", "check", str(path), *no_data]) == 0
     cfg = config.load(path)
     assert cfg["name"] == path.stem
     model = build(cfg)

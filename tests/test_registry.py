@@ -115,4 +115,7 @@ def test_builtin_registries_exist_and_import():
         "DATASETS",
         "METRICS",
         "TRANSFORMS",
+        "OPTIMIZERS",
+        "LR_SCHEDULERS",
+        "SAMPLERS",
     }

@@ -16,14 +16,14 @@ def test_task_from_config_parses_losses_and_metrics():
             "num_classes": 5,
             "loss": ["cross_entropy", {"type": "focal", "weight": 0.5, "gamma": 4}],
             "metrics": [{"type": "rmse_like", "higher_is_better": False}],
-            "label_smoothing": 0.1,
+            "class_names": ["a", "b"],
         },
     )
     assert task.kind == "multiclass" and task.num_classes == 5
     assert task.loss == (LossTerm("cross_entropy"), LossTerm("focal", 0.5, {"gamma": 4}))
     assert task.loss[1].config() == {"type": "focal", "gamma": 4}
     assert task.metrics[0].name == "rmse_like" and task.metrics[0].higher_is_better is False
-    assert task.options == {"label_smoothing": 0.1}
+    assert task.options == {"class_names": ["a", "b"]}
     assert not task.is_dense
 
 
@@ -40,7 +40,7 @@ def test_unknown_metric_and_bad_kind_are_clear_errors():
     with pytest.raises(RegistryError, match="unknown type 'no_such_metric'"):
         Task.from_config("t", {"kind": "regression", "metrics": ["no_such_metric"]})
     with pytest.raises(
-        ConfigError, match=r"tasks.t.kind: 'segmentaton'.*did you mean 'segmentation'"
+        ConfigError, match=r"config key 'tasks.t.kind': 'segmentaton'.*did you mean 'segmentation'"
     ):
         Task.from_config("t", {"kind": "segmentaton"})
     with pytest.raises(ConfigError, match="num_classes"):

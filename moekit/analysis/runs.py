@@ -27,9 +27,9 @@ def split_loader(cfg: Mapping[str, Any], split: str) -> DataLoader:
     """An evaluation loader (in order, no shuffling) over the config's ``split`` dataset."""
     from moekit.engine.data import build_loader
     from moekit.engine.experiment import build_dataset
-    from moekit.engine.settings import DATA, section
+    from moekit.sections import settings
 
-    data = section(cfg, "data", DATA)
+    data = settings(cfg, "data")
     return build_loader(build_dataset(cfg, split), data, train=False, seed=int(cfg.get("seed", 0)))
 
 

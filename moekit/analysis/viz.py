@@ -23,9 +23,9 @@ from moekit.analysis.predictions import plot_predictions
 from moekit.analysis.runs import TrainedRun, progress
 from moekit.analysis.usage import collect_usage
 from moekit.engine.curves import figure_name, plot_curves
-from moekit.engine.settings import eval_threshold
 from moekit.errors import DataError
 from moekit.moe import moe_layers
+from moekit.sections import settings
 
 
 def draw_run_figures(
@@ -67,7 +67,7 @@ def draw_run_figures(
             run.tasks,
             figures / "predictions.png",
             num_images,
-            threshold=eval_threshold(run.cfg),
+            threshold=settings(run.cfg, "eval")["threshold"],
         )
     )
     return written, notes

@@ -27,8 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("file", help="a YAML config file")
     add_override_argument(show)
     show.set_defaults(func=run_show)
-    check = actions.add_parser("check", help="check every 'type:' against its registry")
+    check = actions.add_parser(
+        "check",
+        help="check a config as train does at start-up",
+        description="Check every key, every component's name and arguments, the tasks and the "
+        "schedules, then build the experiment (model, losses, optimizer, datasets) as "
+        "'moekit train' does, without writing anything: 'ok' means the run will start.",
+    )
     check.add_argument("file", help="a YAML config file")
+    check.add_argument(
+        "--no-data", action="store_true", help="skip building the datasets (no data on disk)"
+    )
     add_override_argument(check)
     check.set_defaults(func=run_check)
 
@@ -42,8 +51,20 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from moekit import config
-    from moekit.config_check import check_types
+    from moekit.engine.config_check import check_config
+    from moekit.engine.experiment import build_experiment
+    from moekit.engine.optim import build_optimizer, build_scheduler, named_parameters
+    from moekit.errors import ConfigError
+    from moekit.sections import settings
 
-    check_types(config.load(args.file, args.overrides), source=args.file)
+    cfg = config.load(args.file, args.overrides)
+    check_config(cfg, source=args.file)
+    try:
+        exp = build_experiment(cfg, splits=() if args.no_data else None)
+        if exp.optimizer is None:  # no training data built: the optimizer and schedule still are
+            params = named_parameters(exp.model, exp.objective.weighting)
+            build_scheduler(build_optimizer(params, cfg), cfg, 1, settings(cfg, "train")["epochs"])
+    except ConfigError as exc:
+        raise ConfigError(f"{args.file}: {exc}") from None
     print(f"{args.file}: ok")
     return 0

@@ -75,18 +75,15 @@ def write_replica(data: Path) -> None:
 
 
 def check_config(cfg: dict) -> None:
-    """Fail on a config mistake before anything is written: unknown types, engine sections,
-    tasks, and the model's arguments (the model is built once and dropped)."""
-    from moekit.config_check import check_types
-    from moekit.engine.settings import DATA, eval_threshold, section, train_settings
+    """Fail on a config mistake before anything is written: every key and component
+    (:func:`~moekit.engine.config_check.check_config`), and the model's arguments (the model
+    is built once and dropped)."""
+    from moekit.engine.config_check import check_config
     from moekit.errors import ConfigError
     from moekit.registry import MODELS
     from moekit.types import tasks_from_config
 
-    check_types(cfg)
-    train_settings(cfg)
-    section(cfg, "data", DATA)
-    eval_threshold(cfg)
+    check_config(cfg)
     if "model" not in cfg:
         raise ConfigError("config key 'model': the config defines no model")
     MODELS.build(cfg["model"], tasks=tasks_from_config(cfg))

@@ -92,7 +92,6 @@ def report(
     from moekit.analysis.runs import split_loader
     from moekit.analysis.usage import collect_usage
     from moekit.engine import evaluate_run, load_model
-    from moekit.engine.settings import eval_threshold
     from moekit.errors import ConfigError
     from moekit.moe import moe_layers
     from moekit.projects.idrid.table import (
@@ -102,6 +101,7 @@ def report(
         seed_rows,
         write_results,
     )
+    from moekit.sections import settings
 
     runs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(r) for r in run_dirs]
     if not runs:
@@ -120,7 +120,9 @@ def report(
         usage = collect_usage(model, loader, list(tasks), info={"split": split})
         usage.save(run_dir / "usage")
         figure = run_dir / "figures" / f"predictions_{split}.png"
-        plot_predictions(model, loader.dataset, tasks, figure, threshold=eval_threshold(cfg))
+        plot_predictions(
+            model, loader.dataset, tasks, figure, threshold=settings(cfg, "eval")["threshold"]
+        )
         name = str(cfg.get("name", run_dir.name))
         source = sources[i] if sources is not None else f"run {run_dir.name}"
         source = f"{source} ({split}, {checkpoint} checkpoint)"

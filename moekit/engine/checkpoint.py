@@ -244,10 +244,10 @@ def load_model(
 def restore_routing(model: nn.Module, cfg: Mapping[str, Any], ckpt: Path) -> None:
     """Switch MoE layers to the ``routing_schedule`` phase of the checkpoint's last epoch."""
     from moekit.engine.schedule import apply_routing, parse_phases, phase_index
-    from moekit.engine.settings import train_settings
+    from moekit.sections import settings
 
     phases = parse_phases(cfg.get("routing_schedule"), "routing_schedule")
-    epochs = train_settings(cfg)["epochs"]
+    epochs = settings(cfg, "train")["epochs"]
     done = int(read_state(ckpt).get("epoch", epochs))
     index = phase_index(phases, max(done - 1, 0), epochs)
     if index is not None:

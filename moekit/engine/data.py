@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moekit.data.collate import collate_samples
 from moekit.data.samplers import BalancedSourceSampler
 from moekit.errors import ConfigError
+from moekit.registry import SAMPLERS
 from moekit.rng import derived_seed
-
-SAMPLERS = ("random", "balanced_source")
 
 
 class EpochSampler(Sampler[int]):
@@ -43,26 +42,29 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
-def _train_sampler(dataset: Dataset, spec: Any, seed: int) -> Sampler[int]:
-    if spec is None:
-        spec = {"type": "random"}
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    kind = spec.get("type") if isinstance(spec, Mapping) else None
-    options = {k: v for k, v in dict(spec).items() if k != "type"} if kind else {}
-    if kind == "random" and not options:
-        return EpochSampler(len(dataset), seed)
-    if kind == "balanced_source":
-        if not hasattr(dataset, "sources"):
-            raise ConfigError(
-                "data.sampler: 'balanced_source' needs a dataset with 'sources' "
-                f"({type(dataset).__name__} has none)"
-            )
-        unknown = set(options) - {"weights", "num_samples"}
-        if unknown:
-            raise ConfigError(f"data.sampler: unknown option '{sorted(unknown)[0]}'")
-        return BalancedSourceSampler(dataset.sources, seed=seed, **options)
-    raise ConfigError(f"data.sampler: expected one of {', '.join(SAMPLERS)}, got {spec!r}")
+@SAMPLERS.register("random")
+def random_sampler(dataset: Dataset, seed: int) -> Sampler[int]:
+    """Every sample once per epoch, shuffled from ``(seed, epoch)``."""
+    return EpochSampler(len(dataset), seed)
+
+
+@SAMPLERS.register("balanced_source")
+def balanced_source(
+    dataset: Dataset,
+    seed: int,
+    weights: Mapping[str, float] | None = None,
+    num_samples: int | None = None,
+) -> Sampler[int]:
+    """Batches that mix the dataset's sources (:class:`BalancedSourceSampler`); the dataset
+    must say the source of each sample (``dataset.sources``)."""
+    if not hasattr(dataset, "sources"):
+        raise ConfigError(
+            "config key 'data.sampler': 'balanced_source' needs a dataset with 'sources' "
+            f"({type(dataset).__name__} has none)"
+        )
+    return BalancedSourceSampler(
+        dataset.sources, seed=seed, weights=weights, num_samples=num_samples
+    )
 
 
 def build_loader(
@@ -71,7 +73,7 @@ def build_loader(
     """A loader over ``dataset`` with the ``data`` section's batch size and workers."""
     batch_size = data["batch_size"] if train else data["eval_batch_size"] or data["batch_size"]
     sampler = (
-        _train_sampler(dataset, data["sampler"], seed)
+        SAMPLERS.build(data["sampler"] or {"type": "random"}, dataset=dataset, seed=seed)
         if train
         else EpochSampler(len(dataset), shuffle=False)
     )

@@ -16,10 +16,10 @@ from moekit.engine.evaluation import evaluate
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
-from moekit.engine.settings import eval_threshold, train_settings
 from moekit.errors import ConfigError
 from moekit.fileio import atomic_write_text
 from moekit.registry import METRICS
+from moekit.sections import settings
 from moekit.types import Task
 
 
@@ -38,7 +38,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     path = checkpoint.checkpoint_dir(run_dir, which)
     cfg = checkpoint.read_config(path)
-    train = train_settings(cfg)
+    train = settings(cfg, "train")
     accelerator = make_accelerator({**train, "log_with": None, "grad_accum": 1})
     exp = build_experiment(cfg, accelerator.num_processes, splits=[split])
     checkpoint.load_weights(exp.model, path / checkpoint.MODEL_FILE)
@@ -50,7 +50,13 @@ def evaluate_run(
         exp.mtl_delta if mtl_delta is None else METRICS.build({"type": "mtl_delta", **mtl_delta})
     )
     values = evaluate(
-        accelerator, bare.model, bare, loader, exp.tasks, delta, threshold=eval_threshold(cfg)
+        accelerator,
+        bare.model,
+        bare,
+        loader,
+        exp.tasks,
+        delta,
+        threshold=settings(cfg, "eval")["threshold"],
     )
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:

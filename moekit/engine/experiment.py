@@ -23,7 +23,6 @@ from moekit.engine.objective import AuxTerm, MultiTaskObjective
 from moekit.engine.optim import build_optimizer, build_scheduler, named_parameters
 from moekit.engine.schedule import Phase, parse_phases
 from moekit.engine.seeding import seed_everything
-from moekit.engine.settings import DATA, DEBUG, EVAL, section, train_settings
 from moekit.errors import ConfigError
 from moekit.registry import (
     AUX_LOSSES,
@@ -35,6 +34,7 @@ from moekit.registry import (
     accepted_kwargs,
     import_builtins,
 )
+from moekit.sections import settings
 from moekit.types import Task, tasks_from_config
 
 SPLITS = ("train", "val", "test")
@@ -58,7 +58,7 @@ class Experiment:
 
     @property
     def data(self) -> dict[str, Any]:
-        return section(self.cfg, "data", DATA)
+        return settings(self.cfg, "data")
 
 
 def build_aux_terms(raw: Any) -> list[AuxTerm]:
@@ -95,7 +95,7 @@ def build_task_losses(tasks: Mapping[str, Task]) -> dict[str, list[tuple[float, 
 def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     """The ``data.<split>`` dataset. One that takes a ``seed`` (augmentation, validation split,
     generated samples) and is given none gets the config's top-level ``seed``."""
-    spec = section(cfg, "data", DATA)[split]
+    spec = settings(cfg, "data")[split]
     if spec is None:
         raise ConfigError(f"config key 'data.{split}': the config defines no {split} dataset")
     if isinstance(spec, Mapping) and "type" in spec:
@@ -135,10 +135,10 @@ def build_experiment(
     import_builtins()
     cfg = dict(cfg)
     seed_everything(int(cfg.get("seed", 0)), cfg.get("deterministic", False))
-    train = train_settings(cfg)
-    data = section(cfg, "data", DATA)
-    evaluation = section(cfg, "eval", EVAL)
-    debug = section(cfg, "debug", DEBUG)
+    train = settings(cfg, "train")
+    data = settings(cfg, "data")
+    evaluation = settings(cfg, "eval")
+    debug = settings(cfg, "debug")
     tasks = tasks_from_config(cfg)
     if debug["nan_task"] is not None and debug["nan_task"] not in tasks:
         raise ConfigError(f"config key 'debug.nan_task': no task named '{debug['nan_task']}'")

@@ -49,43 +49,27 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from moekit.engine import checkpoint
-from moekit.engine.settings import section
 from moekit.errors import CheckpointError, ConfigError
 from moekit.routing.gate import Gate
+from moekit.sections import FINETUNE, value
 
-FINETUNE: dict[str, Any] = {"init": None, "checkpoint": "best", "mode": "all", "tasks": None}
-MODES = ("all", "heads", "routers")
 TASK_EMBEDDING = "task_embed"
 
 
 def finetune_settings(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """The validated ``finetune`` section, or None when the config has none."""
-    raw = cfg.get("finetune")
-    if raw is None:
+    settings = value(cfg, "finetune")
+    if settings is None:
         return None
-    given = {"mode": raw} if isinstance(raw, str) else raw
-    settings = section({"finetune": given}, "finetune", FINETUNE)
-    if settings["mode"] not in MODES:
-        raise ConfigError(
-            f"config key 'finetune.mode': '{settings['mode']}' is not one of {', '.join(MODES)}"
-        )
-    if settings["checkpoint"] not in ("best", "last"):
-        raise ConfigError(
-            f"config key 'finetune.checkpoint': '{settings['checkpoint']}' is not best or last"
-        )
-    tasks = settings["tasks"]
-    if tasks is not None:
-        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
-            raise ConfigError(f"config key 'finetune.tasks': expected a list, got {tasks!r}")
-        unknown = [t for t in tasks if t not in (cfg.get("tasks") or {})]
-        if unknown:
-            raise ConfigError(f"config key 'finetune.tasks': '{unknown[0]}' is not a task")
+    unknown = [t for t in settings["tasks"] or () if t not in (cfg.get("tasks") or {})]
+    if unknown:
+        raise ConfigError(f"config key 'finetune.tasks': '{unknown[0]}' is not a task")
     return settings
 
 
 def with_init(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``cfg`` with ``finetune.init`` set (``--init RUN_DIR``; mode ``all`` unless set)."""
-    settings = finetune_settings(cfg) or dict(FINETUNE)
+    settings = finetune_settings(cfg) or FINETUNE.defaults()
     return {**cfg, "finetune": {**settings, "init": str(run_dir)}}
 
 

@@ -17,11 +17,10 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from moekit.engine.settings import OPTIMIZER, SCHEDULER, section
 from moekit.errors import ConfigError, did_you_mean
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "step")
+from moekit.registry import LR_SCHEDULERS, OPTIMIZERS
+from moekit.schema import integer, number
+from moekit.sections import value
 
 
 def named_parameters(
@@ -80,85 +79,134 @@ def param_groups(
     return result
 
 
-def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: Mapping[str, Any]) -> Optimizer:
-    """AdamW, Adam or SGD over the parameter groups of the ``optimizer`` config section."""
-    opt = section(cfg, "optimizer", OPTIMIZER)
-    kind = opt["type"]
-    groups = param_groups(named, opt["param_groups"])
-    lr, wd = float(opt["lr"]), float(opt["weight_decay"])
-    if kind in ("adamw", "adam"):
-        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-        return cls(groups, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
-    if kind == "sgd":
-        return torch.optim.SGD(
-            groups,
-            lr=lr,
-            weight_decay=wd,
-            momentum=float(opt["momentum"]),
-            nesterov=bool(opt["nesterov"]),
-        )
-    raise ConfigError(
-        f"config key 'optimizer.type': '{kind}' is not one of {', '.join(OPTIMIZERS)}"
-        f"{did_you_mean(str(kind), OPTIMIZERS)}"
+ENGINE_OPTIMIZER_KEYS = ("param_groups",)
+"""Keys of the ``optimizer`` section the engine consumes (the rest go to the OPTIMIZERS entry)."""
+ENGINE_SCHEDULER_KEYS = ("warmup_epochs", "warmup_steps")
+"""Keys of the ``scheduler`` section the engine consumes: linear warmup, for every schedule."""
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(
+    params: Any,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Optimizer:
+    """``torch.optim.AdamW`` (Loshchilov & Hutter, ICLR 2019), weight decay off by default."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("adam")
+def adam(
+    params: Any,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Optimizer:
+    """``torch.optim.Adam`` (Kingma & Ba, ICLR 2015); ``weight_decay`` is L2 in the gradient."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(
+    params: Any,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+) -> Optimizer:
+    """``torch.optim.SGD`` with momentum 0.9 by default."""
+    return torch.optim.SGD(
+        params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov
     )
 
 
-def lr_factor(
-    kind: str,
-    total_steps: int,
-    steps_per_epoch: int,
-    warmup: int,
-    min_lr_ratio: float,
-    step_size: float,
-    gamma: float,
-) -> Callable[[int], float]:
-    """The factor of the base learning rates after ``step`` optimizer steps.
+@OPTIMIZERS.register("timm")
+def timm_optimizer(
+    params: Any, opt: str = "lamb", lr: float = 1e-3, weight_decay: float = 0.0, **options: Any
+) -> Optimizer:
+    """Any optimizer of timm's factory by name (``opt: lamb | lion | adan | ...``, see
+    ``timm.optim.list_optimizers()``), through ``timm.optim.create_optimizer_v2`` on moekit's
+    parameter groups; ``options`` go to the optimizer."""
+    from timm.optim import create_optimizer_v2, list_optimizers
 
-    Linear warmup from ``1 / warmup`` to 1 over ``warmup`` steps, then ``constant`` (1),
-    ``cosine`` (``r + (1 - r) · ½ (1 + cos(π t))`` over the remaining steps, ``r`` the
-    ``min_lr_ratio``) or ``step`` (``γ^⌊epoch / step_size⌋``). A plain function of the step:
-    a checkpoint saves only the step count, so a resumed run follows its current config.
-    """
+    if opt not in list_optimizers():
+        raise ConfigError(
+            f"config key 'optimizer.opt': timm has no optimizer '{opt}'"
+            f"{did_you_mean(opt, list_optimizers())}"
+        )
+    return create_optimizer_v2(params, opt=opt, lr=lr, weight_decay=weight_decay, **options)
+
+
+def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: Mapping[str, Any]) -> Optimizer:
+    """The ``optimizer`` section: an ``OPTIMIZERS`` entry over the parameter groups."""
+    spec = dict(value(cfg, "optimizer"))
+    OPTIMIZERS.check(spec, "optimizer", provided=ENGINE_OPTIMIZER_KEYS)
+    groups = param_groups(named, spec.pop("param_groups", None) or [])
+    return OPTIMIZERS.build(spec, params=groups)
+
+
+@LR_SCHEDULERS.register("constant")
+def constant(total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The base learning rates throughout."""
+    return lambda step: 1.0
+
+
+@LR_SCHEDULERS.register("cosine")
+def cosine(
+    total_steps: int, steps_per_epoch: int, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Cosine decay (Loshchilov & Hutter, ICLR 2017, without restarts) over the steps after
+    warmup: ``r + (1 - r) · ½ (1 + cos(π t))``, ``t`` from 0 to 1, ``r`` = ``min_lr_ratio``."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "cosine":
-            t = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if kind == "step":
-            return gamma ** math.floor(step / steps_per_epoch / step_size)
-        return 1.0
+        t = min(step / max(total_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
+
+
+@LR_SCHEDULERS.register("step")
+def step(
+    total_steps: int, steps_per_epoch: int, step_size: float = 1, gamma: float = 0.1
+) -> Callable[[int], float]:
+    """``γ^⌊epoch / step_size⌋`` (torch's ``StepLR`` in epochs; the IDRiD paper: 30, 0.2)."""
+    if step_size <= 0:
+        raise ConfigError("config key 'scheduler.step_size': expected a positive number of epochs")
+    return lambda step: gamma ** math.floor(step / steps_per_epoch / step_size)
+
+
+def with_warmup(factor: Callable[[int], float], warmup: int) -> Callable[[int], float]:
+    """Linear warmup from ``1 / warmup`` to 1 over ``warmup`` steps, then ``factor`` of the
+    steps after warmup."""
+
+    def warmed(step: int) -> float:
+        return (step + 1) / warmup if step < warmup else factor(step - warmup)
+
+    return warmed
 
 
 def build_scheduler(
     optimizer: Optimizer, cfg: Mapping[str, Any], steps_per_epoch: int, epochs: int
 ) -> LambdaLR:
-    """The ``scheduler`` config section as a per-optimizer-step ``LambdaLR``."""
-    sched = section(cfg, "scheduler", SCHEDULER)
-    kind = sched["type"]
-    if kind not in SCHEDULES:
-        raise ConfigError(
-            f"config key 'scheduler.type': '{kind}' is not one of {', '.join(SCHEDULES)}"
-            f"{did_you_mean(str(kind), SCHEDULES)}"
+    """The ``scheduler`` section: an ``LR_SCHEDULERS`` factor of the optimizer step, after the
+    section's linear warmup, as a ``LambdaLR``. A plain function of the step: a checkpoint
+    saves only the step count, so a resumed run follows its current config."""
+    spec = dict(value(cfg, "scheduler"))
+    LR_SCHEDULERS.check(spec, "scheduler", provided=ENGINE_SCHEDULER_KEYS)
+    warmup_epochs = spec.pop("warmup_epochs", 0)
+    warmup_steps = spec.pop("warmup_steps", None)
+    if warmup_steps is None:
+        warmup_steps = round(
+            number(0.0)(warmup_epochs, "scheduler.warmup_epochs") * steps_per_epoch
         )
-    warmup = sched["warmup_steps"]
-    if warmup is None:
-        warmup = round(float(sched["warmup_epochs"]) * steps_per_epoch)
-    if float(sched["step_size"]) <= 0:
-        raise ConfigError("config key 'scheduler.step_size': expected a positive number of epochs")
-    factor = lr_factor(
-        kind,
-        steps_per_epoch * epochs,
-        steps_per_epoch,
-        int(warmup),
-        float(sched["min_lr_ratio"]),
-        float(sched["step_size"]),
-        float(sched["gamma"]),
+    warmup = integer(0)(warmup_steps, "scheduler.warmup_steps")
+    factor = LR_SCHEDULERS.build(
+        spec, total_steps=steps_per_epoch * epochs - warmup, steps_per_epoch=steps_per_epoch
     )
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, with_warmup(factor, warmup))
 
 
 def set_frozen(named: Iterable[tuple[str, nn.Parameter]], patterns: Sequence[str], key: str) -> int:

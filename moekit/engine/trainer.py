@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moekit.config_check import check_types
 from moekit.engine import checkpoint, finetune
+from moekit.engine.config_check import check_config
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
 from moekit.engine.evaluation import MetricTracker, evaluate, metric_directions
@@ -31,8 +31,8 @@ from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
 from moekit.engine.optim import named_parameters, set_frozen
 from moekit.engine.rundir import RunDir, close_log, new_run_path
 from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
-from moekit.engine.settings import DEBUG, EVAL, eval_threshold, section, train_settings
 from moekit.errors import ConfigError, TrainingError
+from moekit.sections import settings
 
 
 class Trainer:
@@ -60,13 +60,13 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> None:
         self.cfg = finetune.resolve(cfg) if resume is None else dict(cfg)
-        check_types(self.cfg)  # a typo in a type: fails naming its key, before any file
-        self.settings = train_settings(self.cfg)
+        check_config(self.cfg)  # every config mistake, before any file is written
+        self.settings = settings(self.cfg, "train")
         if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
             self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
-        self.debug = section(self.cfg, "debug", DEBUG)
-        self.threshold = eval_threshold(self.cfg)
-        evaluation = section(self.cfg, "eval", EVAL)
+        self.debug = settings(self.cfg, "debug")
+        evaluation = settings(self.cfg, "eval")
+        self.threshold = evaluation["threshold"]
         target = Path(resume) if resume is not None else run_dir
         path = agree_on_path(
             None if target is None else Path(target),

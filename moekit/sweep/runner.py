@@ -108,7 +108,7 @@ class StudyRunner:
 
     def plan(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """What a sweep would do, with each config resolved and checked (``--dry-run``)."""
-        from moekit.config_check import check_types
+        from moekit.engine.config_check import check_config
 
         rows = []
         for variant, seed, run_dir in self.selected(only):
@@ -132,7 +132,7 @@ class StudyRunner:
                     + [f"--set {o}" for o in (*variant.overrides, *self.overrides)]
                 )
                 try:
-                    check_types(variant.config(seed, self.overrides), source=variant.name)
+                    check_config(variant.config(seed, self.overrides), source=variant.name)
                 except MoekitError as exc:
                     row["error"] = _error_line(exc)
             rows.append(row)
