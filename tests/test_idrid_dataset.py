@@ -332,6 +332,8 @@ def test_augment_mapping_configures_the_train_transform(replica):
             "translate": 0.0,
             "contrast_p": 0.0,
             "blur_p": 0.0,
+            "colour_p": 0.0,
+            "jpeg_p": 0.0,
         },
     )
     plain = _ds(replica, split="test")

@@ -9,7 +9,8 @@ from moekit.errors import ConfigError, RegistryError
 from moekit.registry import TRANSFORMS
 
 H, W = 48, 64
-NO_PHOTOMETRIC = {"contrast_p": 0.0, "blur_p": 0.0}
+NO_PHOTOMETRIC = {"contrast_p": 0.0, "blur_p": 0.0, "colour_p": 0.0, "jpeg_p": 0.0}
+NO_GEOMETRY = {"hflip": 0.0, "rotate": 0.0, "scale": (1.0, 1.0), "translate": 0.0}
 
 
 def _pattern():
@@ -89,3 +90,44 @@ def test_registry_builds_with_image_size_and_seed_and_is_strict():
         TRANSFORMS.build({"type": "idrid_train", "rotat": 10}, image_size=[H, W], seed=0)
     with pytest.raises(ConfigError, match="image_size"):
         eval_transform((0, W))
+
+
+def _fundus_like():
+    """An orange disc on a black surround."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    field = np.hypot(xx - W / 2, yy - H / 2) < 0.45 * H
+    image = np.zeros((H, W, 3), np.uint8)
+    image[field] = (200, 90, 30)
+    return image, field
+
+
+def _denormalise(out: torch.Tensor) -> np.ndarray:
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
+    return (out * std + mean).permute(1, 2, 0).numpy()
+
+
+def test_colour_jitter_varies_the_field_and_keeps_the_surround_black():
+    image, field = _fundus_like()
+    t = idrid_train((H, W), seed=3, colour_p=1.0, jpeg_p=0.0, blur_p=0.0, **NO_GEOMETRY)
+    colours, darkest = [], 0.0
+    for _ in range(12):
+        out, _ = t(image, [field.astype(np.uint8)])
+        rgb = _denormalise(out)
+        colours.append(rgb[field].mean(axis=0))
+        darkest = max(darkest, float(np.abs(rgb[~field]).max()))
+    colours = np.array(colours)
+    assert colours.std(axis=0).min() > 0.02  # every channel's mean moves between draws
+    assert np.ptp(colours[:, 1] / colours[:, 0]) > 0.05  # the hue/white balance changes too
+    assert darkest < 0.02  # multiplicative changes and gamma keep black black
+
+
+def test_seed_recipe_has_no_colour_change():
+    image, field = _fundus_like()
+    t = idrid_train((H, W), seed=0, **NO_PHOTOMETRIC, **NO_GEOMETRY)
+    out, _ = t(image, [field.astype(np.uint8)])
+    np.testing.assert_allclose(
+        _denormalise(out)[field].mean(axis=0), (200 / 255, 90 / 255, 30 / 255), atol=1e-3
+    )

@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from moekit.data.image_io import read_mask, read_rgb, resize_image, resize_mask
+from moekit.data.image_io import read_mask, read_rgb
+from moekit.data.preprocess import Geometry, forward
 from moekit.data.transforms import JointTransform, parse_size
 from moekit.errors import ConfigError, DataError, did_you_mean
-from moekit.registry import DATASETS, TRANSFORMS
+from moekit.registry import DATASETS, PREPROCESS, TRANSFORMS
 from moekit.rng import derived_seed
 
 GRADING_TASKS = ("rg", "mer")
@@ -45,6 +46,9 @@ IGNORE_INDEX = -1
 """Filler class label of a grading task on an image that has no grade."""
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
+DEFAULT_PREPROCESS = {"type": "fundus_fov"}
+"""IDRiD's preprocessing unless ``preprocess`` says otherwise: the field of view, cropped and
+padded to the aspect ratio of ``image_size`` (:class:`moekit.data.preprocess.FundusFov`)."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,10 @@ class IdridDataset(Dataset):
             ``true`` for ``train``, ``false`` otherwise.
         seed: seeds the augmentation; the stream of each DataLoader worker is restarted from
             ``(seed, epoch, process rank, worker id)`` (see :meth:`set_epoch`).
+        preprocess: the ``PREPROCESS`` step that brings each photograph and its masks to
+            ``image_size`` before augmentation, the same for every split (a config mapping or
+            a name; default :data:`DEFAULT_PREPROCESS`, ``fundus_fov``; ``resize`` for a plain
+            resize of the whole photograph). :attr:`preprocess_config` is the step's config.
 
     A sample is ``{"inputs": float32 [3, H, W], "targets": {task: tensor}, "has_target":
     {task: bool}, "meta": {"split", "id", "source"}}``: ``rg``/``mer`` targets are ``int64``
@@ -349,6 +357,7 @@ class IdridDataset(Dataset):
         val_seed: int = 0,
         augment: bool | Mapping[str, Any] | None = None,
         seed: int = 0,
+        preprocess: Mapping[str, Any] | str | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = _choice("split", [split], SPLITS)[0]
@@ -370,6 +379,12 @@ class IdridDataset(Dataset):
             raise ConfigError("idrid: split 'val' needs val_fraction > 0")
         self.val_fraction = float(val_fraction)
         self.image_size = parse_size(image_size)
+        if preprocess is None:
+            preprocess = DEFAULT_PREPROCESS
+        self.preprocess_config = (
+            {"type": preprocess} if isinstance(preprocess, str) else dict(preprocess)
+        )
+        self.preprocess = PREPROCESS.build(self.preprocess_config, image_size=self.image_size)
         self.seed = int(seed)
         self.epoch = 0
         self._seeded_for: tuple[int, int] | None = None
@@ -452,7 +467,9 @@ class IdridDataset(Dataset):
             self.transform.set_seed(derived_seed(self.seed, self.epoch, rank, worker) % 2**32)
             self._seeded_for = state
 
-    def _read_masks(self, record: IdridRecord, full_size: tuple[int, int]) -> list[np.ndarray]:
+    def _read_masks(self, record: IdridRecord, geometry: Geometry) -> list[np.ndarray]:
+        """The loaded lesions' masks, brought to ``image_size`` by the photograph's geometry
+        (found on its reduced decode, applied to the full-size masks; nearest neighbour)."""
         files = dict(record.masks)
         masks = []
         for lesion in self.lesion_tasks:
@@ -461,20 +478,20 @@ class IdridDataset(Dataset):
                 masks.append(np.zeros(self.image_size, np.uint8))
                 continue
             mask = read_mask(path)
-            if mask.shape != full_size:
+            if mask.shape != geometry.source_size:
                 raise DataError(
                     f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{record.image} is {full_size[1]}x{full_size[0]}"
+                    f"{record.image} is {geometry.source_size[1]}x{geometry.source_size[0]}"
                 )
-            masks.append(resize_mask(mask, self.image_size))
+            masks.append(forward(mask, geometry, nearest=True))
         return masks
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image, full_size = read_rgb(record.image, self.image_size)
-        image = resize_image(image, self.image_size)
+        decoded, full_size = read_rgb(record.image, self.image_size)
+        image, geometry = self.preprocess(decoded)
         is_seg = record.source == "segmentation"
-        masks = self._read_masks(record, full_size) if is_seg else []
+        masks = self._read_masks(record, geometry.rescaled(*full_size)) if is_seg else []
         self._reseed()
         inputs, mask_tensor = self.transform(image, masks)
         targets: dict[str, torch.Tensor] = {}
