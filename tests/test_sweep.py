@@ -61,7 +61,7 @@ def test_variants_grid_profiles_and_config(tmp_path):
 @pytest.mark.parametrize(
     ("study", "message"),
     [
-        ({"variants": {"a": []}, "colums": {}}, "unknown key 'colums'; did you mean 'columns'"),
+        ({"variants": {"a": []}, "colums": {}}, "'colums' is not known; did you mean 'columns'"),
         ({"variants": {"a": []}, "columns": {"x": "flop"}}, "did you mean 'flops'"),
         (
             {

@@ -36,6 +36,7 @@ from typing import Any
 
 from moekit import config as config_io
 from moekit.errors import ConfigError, did_you_mean
+from moekit.schema import Field, Section
 
 STUDY_KEYS = (
     "name",
@@ -70,12 +71,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.=,+%-]+$")
 
 
 def _check_keys(node: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
-    for key in node:
-        if key not in valid:
-            raise ConfigError(
-                f"{where}: unknown key '{key}'{did_you_mean(str(key), valid)}; "
-                f"valid: {', '.join(valid)}"
-            )
+    """Unknown keys are the same error as in an experiment config (:class:`Section`), after
+    ``where`` (the study file and the mapping's key)."""
+    try:
+        Section("", {key: Field() for key in valid}).check_keys(node)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _mapping(node: Any, where: str) -> dict[str, Any]:
