@@ -20,8 +20,8 @@ encodes them (the IDRiD seed's torchvision-style focal loss on grading labels).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,11 @@ class BCELoss(nn.Module):
         return per_sample_mean(loss)
 
 
+AUTO_COUNTS = "auto"
+"""``counts: auto`` of a class-balanced loss: the engine substitutes the positives per class of
+the training dataset's real labels (see :func:`resolve_auto_counts`)."""
+
+
 @TASK_LOSSES.register("class_balanced_bce")
 class ClassBalancedBCELoss(BCELoss):
     """BCE with class-balanced positive weights (Cui et al., CVPR 2019).
@@ -170,15 +175,28 @@ class ClassBalancedBCELoss(BCELoss):
     classes, and is applied to the positive term of the class (``pos_weight``).
 
     Args:
-        counts: number of positive training samples per class (from the dataset statistics).
+        counts: number of positive training samples per class, or ``auto``: the positives of
+            the training dataset's labels as listed in its index, before any augmentation or
+            oversampling (the ODIR study counted them after its VAE balancing, which made every
+            weight equal and CB-BCE plain BCE). ``auto`` is resolved by the experiment builder
+            (:func:`resolve_auto_counts`); the loss itself needs numbers.
         beta: ``β`` in ``[0, 1)``; 0 gives equal weights, values near 1 approach inverse frequency.
     """
 
-    def __init__(self, counts: Sequence[float], beta: float = 0.999) -> None:
+    def __init__(self, counts: Sequence[float] | str, beta: float = 0.999) -> None:
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"class_balanced_bce.beta: expected 0 <= beta < 1, got {beta}")
-        if not counts or min(counts) < 0:
-            raise ConfigError(f"class_balanced_bce.counts: expected counts >= 0, got {counts!r}")
+        if counts == AUTO_COUNTS:
+            raise ConfigError(
+                "class_balanced_bce.counts: 'auto' is resolved from the training dataset when an "
+                "experiment is built; building the loss alone needs the counts per class"
+            )
+        if isinstance(counts, str) or not counts or min(counts) < 0:
+            raise ConfigError(
+                f"class_balanced_bce.counts: expected counts >= 0 per class or 'auto', got "
+                f"{counts!r}"
+            )
+        self.counts = [float(c) for c in counts]
         weights = class_balanced_weights(counts, beta)
         super().__init__(pos_weight=weights.tolist())
 
@@ -189,6 +207,29 @@ def class_balanced_weights(counts: Sequence[float], beta: float) -> Tensor:
     effective = (1.0 - torch.pow(beta, n)) / (1.0 - beta) if beta > 0 else torch.ones_like(n)
     weights = 1.0 / effective.clamp(min=1e-12)
     return (weights / weights.sum() * len(counts)).float()
+
+
+def resolve_auto_counts(
+    spec: Mapping[str, Any], task: str, train: Callable[[], Any] | None
+) -> dict[str, Any]:
+    """A loss config with ``counts: auto`` replaced by the training labels' positives per class.
+
+    ``train`` returns the training dataset (called only when a term asks for ``auto``), which
+    must offer ``label_counts(task) -> [C]`` counted from its index (no image decoded, no
+    augmentation or oversampling applied). Other configs are returned unchanged.
+    """
+    if spec.get("counts") != AUTO_COUNTS:
+        return dict(spec)
+    where = f"tasks.{task}.loss ({spec.get('type')}).counts"
+    dataset = None if train is None else train()
+    if dataset is None:
+        raise ConfigError(f"config key '{where}': 'auto' needs a training dataset (data.train)")
+    if not callable(getattr(dataset, "label_counts", None)):
+        raise ConfigError(
+            f"config key '{where}': 'auto' needs a dataset with label_counts(task); "
+            f"{type(dataset).__name__} has none, give the counts per class"
+        )
+    return {**spec, "counts": [float(c) for c in dataset.label_counts(task)]}
 
 
 @TASK_LOSSES.register("focal")

@@ -17,6 +17,11 @@ Across processes: gather ``metric.sample_stats(preds, targets, mask)`` rows (e.g
 ``accelerator.gather_for_metrics``) and :meth:`Metric.accumulate` them, or all-reduce
 :attr:`Metric.total`.
 
+Ranking metrics (ROC-AUC, average precision) are the exception: no fixed-size sum determines
+them, so their rows (one per sample: its scores and labels) are *kept*, not summed
+(:attr:`Metric.additive` is ``False``), and gathered rather than all-reduced across processes.
+The score of a split is again independent of batching and sharding.
+
 ``compute()`` returns ``{"": main value, suffix: value, ...}``; the engine names the columns
 ``task/metric`` and ``task/metric/suffix``. Per-class suffixes are the class names (given as
 ``class_names``) or the class indices.
@@ -53,13 +58,16 @@ class Metric:
     """
 
     higher_is_better: ClassVar[bool]
+    additive: ClassVar[bool] = True
+    """Whether rows of statistics are summed (:attr:`total` is ``[num_stats]``) or kept
+    (``[N, num_stats]``, every row accumulated: ranking metrics, which need every score)."""
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
         self.num_classes = int(num_classes)
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
         self.class_names = [str(c) for c in (class_names or range(self.num_classes))]
-        self.total = torch.zeros(self.num_stats, dtype=torch.float64)
+        self.reset()
 
     @property
     def num_stats(self) -> int:
@@ -68,14 +76,16 @@ class Metric:
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        self.total = torch.zeros(self.num_stats, dtype=torch.float64)
+        shape = (self.num_stats,) if self.additive else (0, self.num_stats)
+        self.total = torch.zeros(shape, dtype=torch.float64)
 
     def stats(self, preds: Tensor, targets: Tensor) -> Tensor:
         """``[N, num_stats]`` float statistics of ``N`` labelled samples (additive)."""
         raise NotImplementedError
 
     def reduce(self, total: Tensor) -> dict[str, float]:
-        """Metric values from summed statistics ``[num_stats]``."""
+        """Metric values from summed statistics ``[num_stats]`` (kept rows ``[N, num_stats]``
+        for a metric that is not :attr:`additive`)."""
         raise NotImplementedError
 
     def sample_stats(self, preds: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -88,8 +98,12 @@ class Metric:
         return out
 
     def accumulate(self, stats: Tensor) -> None:
-        """Add rows of statistics (from :meth:`sample_stats`, possibly gathered)."""
-        self.total = self.total + stats.detach().to("cpu", torch.float64).sum(dim=0)
+        """Add rows of statistics (from :meth:`sample_stats`, possibly gathered): summed, or
+        appended when the metric is not :attr:`additive`."""
+        rows = stats.detach().to("cpu", torch.float64)
+        self.total = (
+            self.total + rows.sum(dim=0) if self.additive else torch.cat([self.total, rows])
+        )
 
     def update(self, preds: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
         """Accumulate one batch (``mask``: ``bool[B]`` labelled samples, default all)."""
