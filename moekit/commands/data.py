@@ -10,6 +10,11 @@ at least 1).
 
 ``moekit data make-pascal DIR [--n-train N] [--n-val N] [--size WxH] [--seed S] [--matlab]``
 writes a synthetic PASCAL-Context replica in the ``PASCAL_MT`` layout (``docs/datasets.md``).
+
+``moekit data make-gamma DIR`` (or ``--out DIR``) ``[--n-train 100] [--n-test 0] [--bscans 256]
+[--fundus-size 384x256] [--oct-size 64x128] [--uninformative 0.25] [--missing 0] [--csv]
+[--seed S]`` writes a synthetic GAMMA replica (fundus photographs, OCT volumes, disc/cup masks,
+the grading xlsx) in the real download's layout.
 """
 
 from __future__ import annotations
@@ -129,6 +134,92 @@ def _run_make_pascal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_dir(args: argparse.Namespace) -> str:
+    """The folder given positionally or as ``--out`` (one of them, or both the same)."""
+    if args.dir and args.out and args.dir != args.out:
+        raise ConfigError(f"give the folder once: DIR {args.dir!r} or --out {args.out!r}")
+    if not (args.dir or args.out):
+        raise ConfigError("give the folder to write: DIR or --out DIR")
+    return args.dir or args.out
+
+
+def _add_out(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("dir", nargs="?", help=help_text)
+    parser.add_argument("--out", metavar="DIR", help="the same folder, as an option")
+
+
+def _add_make_gamma(parser: argparse.ArgumentParser) -> None:
+    _add_out(parser, "folder to write (gets 'Glaucoma_grading', 'Disc_Cup_Segmentation')")
+    parser.add_argument(
+        "--n-train", type=int, default=100, metavar="N", help="graded training patients (100)"
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=0, metavar="N", help="graded test patients (default 0)"
+    )
+    parser.add_argument(
+        "--bscans", type=int, default=256, metavar="N", help="B-scans per OCT volume (256)"
+    )
+    parser.add_argument(
+        "--fundus-size",
+        type=parse_wxh,
+        default=(384, 256),
+        metavar="WxH",
+        help="fundus photographs, width x height (default 384x256)",
+    )
+    parser.add_argument(
+        "--oct-size",
+        type=parse_wxh,
+        default=(64, 128),
+        metavar="WxH",
+        help="B-scans, width x height (default 64x128)",
+    )
+    parser.add_argument(
+        "--uninformative",
+        type=float,
+        default=0.25,
+        metavar="P",
+        help="share of patients whose fundus is degraded, and (others) whose OCT is (0.25)",
+    )
+    parser.add_argument(
+        "--missing",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of graded patients missing their fundus or their OCT (default 0)",
+    )
+    parser.add_argument("--csv", action="store_true", help="write the grading table as CSV")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_make_gamma(args: argparse.Namespace) -> int:
+    from moekit.data.replicas.gamma import GammaEvidence, make_gamma_replica
+
+    out = _out_dir(args)
+    if not 0.0 <= args.uninformative <= 0.5:
+        raise ConfigError(f"--uninformative must be in [0, 0.5], got {args.uninformative}")
+    evidence = GammaEvidence(
+        uninformative_fundus=args.uninformative, uninformative_oct=args.uninformative
+    )
+    root = make_gamma_replica(
+        out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        num_bscans=args.bscans,
+        fundus_size=args.fundus_size,
+        oct_size=args.oct_size,
+        missing_fraction=args.missing,
+        evidence=evidence,
+        table_format="csv" if args.csv else "xlsx",
+        seed=args.seed,
+    )
+    print(
+        f"wrote a GAMMA replica to {root}: {args.n_train} train / {args.n_test} test graded "
+        f"patients, {args.bscans} B-scans each, fundus {args.fundus_size[0]}x"
+        f"{args.fundus_size[1]} px"
+    )
+    return 0
+
+
 ACTIONS: dict[str, Action] = {
     "make-idrid": (
         "write a synthetic IDRiD replica in the real download's folder layout",
@@ -139,6 +230,11 @@ ACTIONS: dict[str, Action] = {
         "write a synthetic PASCAL-Context replica in the PASCAL_MT folder layout",
         _add_make_pascal,
         _run_make_pascal,
+    ),
+    "make-gamma": (
+        "write a synthetic GAMMA replica (fundus + OCT, disc/cup masks) in the real layout",
+        _add_make_gamma,
+        _run_make_gamma,
     ),
 }
 

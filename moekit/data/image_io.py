@@ -4,6 +4,8 @@
   JPEG decoder for a reduced-resolution decode (libjpeg's DCT scaling through Pillow's
   ``draft``), so a 4288×2848 fundus photograph bound for 1072×712 costs a quarter of a full
   decode. It also returns the file's full size, for checking masks against it.
+* :func:`read_grey` decodes an image as grey levels (OCT B-scans, grey-level label maps), with
+  the same reduced decode.
 * :func:`read_mask` reads a binary mask in any mode the datasets use (palette ``P`` with
   indices 0/1, 1-bit, 8-bit 0/255, 16-bit, RGB, RGBA, ``LA``) and returns ``uint8`` 0/1:
   any non-zero value (palette index, grey level or colour channel) is foreground. Alpha
@@ -67,6 +69,36 @@ def read_rgb(
         except _READ_ERRORS as exc:
             raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
     return rgb, full_size
+
+
+def read_grey(
+    path: str | Path, target_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file as ``uint8 [H, W]`` grey levels (colour and palette images are
+    converted by luminance; 16-bit and float images are scaled so that their maximum is 255),
+    e.g. an OCT B-scan, a mammogram or a label map of grey levels.
+
+    ``target_size`` asks JPEGs for a reduced decode as in :func:`read_rgb`; the file's full
+    ``(height, width)`` is returned with the array.
+
+    Raises:
+        DataError: the file is missing, not an image, or truncated/corrupt.
+    """
+    path = Path(path)
+    with _open(path, "image") as img:
+        full_size = (img.height, img.width)
+        try:
+            if target_size is not None:
+                img.draft("L", (target_size[1], target_size[0]))
+            if img.mode.startswith(("I", "F")):
+                wide = np.asarray(img, dtype=np.float64)
+                top = max(float(wide.max()), 1e-12)
+                grey = (np.clip(wide, 0.0, None) * (255.0 / top) + 0.5).astype(np.uint8)
+            else:
+                grey = np.asarray(img.convert("L"))
+        except _READ_ERRORS as exc:
+            raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    return grey, full_size
 
 
 def read_mask(path: str | Path) -> np.ndarray:
