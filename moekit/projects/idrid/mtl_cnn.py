@@ -62,7 +62,8 @@ class MultiTaskCNN(nn.Module):
         self.task_names = list(tasks)
         self.dense_tasks = {name for name, task in tasks.items() if task.is_dense}
         self.run_all_heads = run_all_heads
-        self.backbone = BACKBONES.build({"type": "timm_features", **(backbone or {})})
+        spec = {"type": "timm_features", "output_stride": 16, **(backbone or {})}
+        self.backbone = BACKBONES.build(spec)
         low_channels, high_channels = self.backbone.channels[0], self.backbone.channels[-1]
         router = dict(router or DEFAULT_ROUTER)
         heads: dict[str, nn.Module] = {}
