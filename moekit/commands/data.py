@@ -15,6 +15,10 @@ writes a synthetic PASCAL-Context replica in the ``PASCAL_MT`` layout (``docs/da
 [--fundus-size 384x256] [--oct-size 64x128] [--uninformative 0.25] [--missing 0] [--csv]
 [--seed S]`` writes a synthetic GAMMA replica (fundus photographs, OCT volumes, disc/cup masks,
 the grading xlsx) in the real download's layout.
+
+``moekit data make-multiview DIR`` (or ``--out DIR``) ``[--n-cases 120] [--size 96x128]
+[--missing-view 0.1] [--seed S]`` writes a four-view mammography replica: ``cases.csv`` for
+``DATASETS: multiview_csv`` with its PNG views and CC mass masks.
 """
 
 from __future__ import annotations
@@ -220,6 +224,42 @@ def _run_make_gamma(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_multiview(parser: argparse.ArgumentParser) -> None:
+    _add_out(parser, "folder to write (gets cases.csv, images/, masks/)")
+    parser.add_argument("--n-cases", type=int, default=120, metavar="N", help="rows (120)")
+    parser.add_argument(
+        "--size",
+        type=parse_wxh,
+        default=(96, 128),
+        metavar="WxH",
+        help="each view, width x height (default 96x128)",
+    )
+    parser.add_argument(
+        "--missing-view",
+        type=float,
+        default=0.1,
+        metavar="P",
+        help="probability that a view is missing (never all four; default 0.1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_make_multiview(args: argparse.Namespace) -> int:
+    from moekit.data.replicas.mammography import make_mammography_replica
+
+    out = _out_dir(args)
+    if not 0.0 <= args.missing_view < 1.0:
+        raise ConfigError(f"--missing-view must be in [0, 1), got {args.missing_view}")
+    root = make_mammography_replica(
+        out, args.n_cases, args.size, missing_view=args.missing_view, seed=args.seed
+    )
+    print(
+        f"wrote a four-view mammography replica to {root}: {args.n_cases} cases in cases.csv, "
+        f"{args.size[0]}x{args.size[1]} px views"
+    )
+    return 0
+
+
 ACTIONS: dict[str, Action] = {
     "make-idrid": (
         "write a synthetic IDRiD replica in the real download's folder layout",
@@ -235,6 +275,11 @@ ACTIONS: dict[str, Action] = {
         "write a synthetic GAMMA replica (fundus + OCT, disc/cup masks) in the real layout",
         _add_make_gamma,
         _run_make_gamma,
+    ),
+    "make-multiview": (
+        "write a synthetic four-view mammography table (multiview_csv layout) with its images",
+        _add_make_multiview,
+        _run_make_multiview,
     ),
 }
 
