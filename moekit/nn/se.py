@@ -1,8 +1,10 @@
 """Squeeze-and-Excitation channel attention (Hu et al., CVPR 2018).
 
 ``s = sigmoid(W2 ReLU(W1 GAP(x)))`` with ``W1: C → C/r`` and ``W2: C/r → C`` (``r = 16``);
-the output is ``x · s`` (each channel rescaled). The ODIR transfer-learning seed inserts it on
-the backbone's last feature map before pooling.
+the output is ``x · s`` (each channel rescaled). The ODIR study inserts it on the backbone's
+last feature map before pooling. :class:`SqueezeExcitation` takes CNN maps ``[B, C, H, W]``
+(GAP over the positions), :class:`TokenSqueezeExcitation` token sets ``[B, N, C]`` (the mean
+over the tokens); both have the same parameters.
 """
 
 from __future__ import annotations
@@ -31,3 +33,10 @@ class SqueezeExcitation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weights = self.gate(x.mean(dim=(2, 3)))
         return x * weights[:, :, None, None]
+
+
+class TokenSqueezeExcitation(SqueezeExcitation):
+    """``[B, N, C] -> [B, N, C]``: the channel gate squeezed from the mean over the tokens."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return tokens * self.gate(tokens.mean(dim=1))[:, None, :]
