@@ -10,8 +10,9 @@ from PIL import Image
 from moekit.cli import main
 from moekit.data.idrid import LAYOUT, LESIONS, read_grading_csv
 from moekit.data.image_io import read_mask, read_rgb
-from moekit.data.replicas.fundus import FundusGeometry, FundusPainter
+from moekit.data.replicas.fundus import CAMERAS, FundusGeometry, FundusPainter
 from moekit.data.replicas.idrid import (
+    frame_size,
     macular_edema_risk,
     make_idrid_replica,
     paint,
@@ -52,8 +53,10 @@ def test_layout_is_the_real_one(replica):
         "5. Optic Disc",
     ]
     assert (masks / "1. Microaneurysms" / "IDRiD_01_MA.tif").is_file()
-    image, size = read_rgb(grading / "1. Original Images" / "a. Training Set" / "IDRiD_001.jpg")
-    assert size == (64, 96) and image.dtype == np.uint8
+    widths = {frame_size((96, 64), camera)[0] for camera in CAMERAS}
+    for path in (grading / "1. Original Images" / "a. Training Set").iterdir():
+        image, (height, width) = read_rgb(path)
+        assert height == 64 and width in widths and image.dtype == np.uint8
 
 
 def test_csv_has_the_real_header_and_empty_columns(replica):
@@ -150,7 +153,7 @@ def test_cli_make_idrid(tmp_path, capsys):
     assert main(["data", "make-idrid", str(out), *args]) == 0
     assert "grading 4 train / 1 test, segmentation 2 train / 1 test" in capsys.readouterr().out
     assert len(read_grading_csv(LAYOUT.grading_csv(out, "train"))) == 4
-    assert read_rgb(LAYOUT.segmentation_images(out, "test") / "IDRiD_03.jpg")[1] == (48, 64)
+    assert read_rgb(LAYOUT.segmentation_images(out, "test") / "IDRiD_03.jpg")[1][0] == 48
     assert main(["data", "make-idrid", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):

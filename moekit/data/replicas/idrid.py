@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image
 
 from moekit.data.idrid import LAYOUT
-from moekit.data.replicas.fundus import LESIONS, FundusGeometry, FundusPainter
-from moekit.errors import DataError
+from moekit.data.replicas.fundus import CAMERAS, LESIONS, FundusGeometry, FundusPainter
+from moekit.errors import ConfigError, DataError
 
 RG_PRIOR = (134, 20, 136, 74, 49)
 """Retinopathy grades 0–4 among IDRiD's 413 training images."""
@@ -46,7 +46,17 @@ MER_PRIOR_WITH_DR = (0.3, 0.2, 0.5)
 """Risk of macular edema 0–2 given retinopathy grade >= 2 (no exudates below grade 2)."""
 MASK_MODES = ("P", "1", "L")
 CSV_HEADER = ["Image name", "Retinopathy grade", "Risk of macular edema ", "", ""]
-JPEG_QUALITY = 92
+CAMERA_MIX = {
+    "idrid": 0.4,
+    "circle_3_2": 0.15,
+    "circle_4_3": 0.15,
+    "square": 0.1,
+    "portable": 0.1,
+    "wide_clipped": 0.1,
+}
+"""Share of each camera (:data:`moekit.data.replicas.fundus.CAMERAS`) among the photographs:
+IDRiD's own framing and five others, so that a model trained on the replica meets the fields
+of other cameras (brought to one geometry by the ``fundus_fov`` preprocessing)."""
 _SOURCE_CODES = {"grading": 0, "segmentation": 1}
 _SPLIT_CODES = {"train": 0, "test": 1}
 
@@ -118,17 +128,29 @@ def plan_segmentation(rng: np.random.Generator, with_he: bool, with_se: bool) ->
 
 @dataclass
 class Painted:
-    """One painted photograph with its masks and its grading labels."""
+    """One painted photograph with its masks, grading labels and the JPEG quality its camera
+    saves it with."""
 
     image: np.ndarray
     masks: dict[str, np.ndarray]
     rg: int
     mer: int
+    jpeg_quality: int = 92
 
 
-def paint(rng: np.random.Generator, size: tuple[int, int], plan: LesionPlan) -> Painted:
-    """Paint a ``size = (width, height)`` photograph with ``plan``'s lesions."""
-    geometry = FundusGeometry.sample(rng, *size)
+def frame_size(size: tuple[int, int], camera: str) -> tuple[int, int]:
+    """``(width, height)`` of a ``camera``'s frame: ``size`` for IDRiD's camera, else
+    ``size``'s height at the camera's aspect ratio."""
+    if camera == "idrid":
+        return size
+    return max(32, round(size[1] * CAMERAS[camera].aspect)), size[1]
+
+
+def paint(
+    rng: np.random.Generator, size: tuple[int, int], plan: LesionPlan, camera: str = "idrid"
+) -> Painted:
+    """Paint a photograph of ``camera`` (frame :func:`frame_size`) with ``plan``'s lesions."""
+    geometry = FundusGeometry.sample(rng, *frame_size(size, camera), camera=camera)
     painter = FundusPainter(geometry, rng)
     painter.paint_anatomy()
     if plan.neovascular:
@@ -139,22 +161,35 @@ def paint(rng: np.random.Generator, size: tuple[int, int], plan: LesionPlan) -> 
     dd = geometry.disc_diameter
     exudates: list[tuple[float, float]] = []
     for kind in plan.exudate_clusters:
-        low, high = (0.0, 0.5 * dd) if kind == "near" else (1.8 * dd, 0.7 * geometry.radius)
+        far = dd + 0.15 * geometry.radius  # every speck (spread 0.08 radii) beyond 1 DD
+        low, high = (
+            (0.0, 0.5 * dd)
+            if kind == "near"
+            else (far, max(far, 0.6 * geometry.radius) + 0.15 * geometry.radius)
+        )
         centre = painter.point_around(geometry.macula_center, low, high)
         exudates += painter.add_exudate_cluster(centre)
     image, masks = painter.finish()
     rg = retinopathy_grade(len(microaneurysms), len(haemorrhages), len(exudates))
     mer = macular_edema_risk(exudates, geometry.macula_center, dd)
-    return Painted(image, masks, rg, mer)
+    quality = int(rng.integers(painter.camera.jpeg_quality[0], painter.camera.jpeg_quality[1] + 1))
+    return Painted(image, masks, rg, mer, quality)
+
+
+def draw_camera(rng: np.random.Generator, cameras: Mapping[str, float]) -> str:
+    """A camera name drawn with probabilities proportional to ``cameras``' values."""
+    names = list(cameras)
+    weights = np.array([cameras[n] for n in names], np.float64)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 
 
 def _rng(seed: int, split: str, source: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_CODES[split], _SOURCE_CODES[source], index])
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def _jpeg(image: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -183,17 +218,25 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _write_grading(root: Path, split: str, count: int, size: tuple[int, int], seed: int) -> None:
+def _write_grading(
+    root: Path,
+    split: str,
+    count: int,
+    size: tuple[int, int],
+    seed: int,
+    cameras: Mapping[str, float],
+) -> None:
     folder = LAYOUT.grading_images(root, split)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(1, count + 1):
         rng = _rng(seed, split, "grading", i)
+        camera = draw_camera(rng, cameras)
         grade = int(rng.choice(5, p=np.array(RG_PRIOR) / sum(RG_PRIOR)))
         mer = int(rng.choice(3, p=MER_PRIOR_WITH_DR)) if grade >= 2 else 0
-        painted = paint(rng, size, plan_for_grade(rng, grade, mer))
+        painted = paint(rng, size, plan_for_grade(rng, grade, mer), camera)
         image_id = f"IDRiD_{i:03d}"
-        _write(folder / f"{image_id}.jpg", _jpeg(painted.image))
+        _write(folder / f"{image_id}.jpg", _jpeg(painted.image, painted.jpeg_quality))
         rows.append([image_id, painted.rg, painted.mer, "", ""])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([CSV_HEADER, *rows])
@@ -201,7 +244,12 @@ def _write_grading(root: Path, split: str, count: int, size: tuple[int, int], se
 
 
 def _write_segmentation(
-    root: Path, split: str, ids: Sequence[int], size: tuple[int, int], seed: int
+    root: Path,
+    split: str,
+    ids: Sequence[int],
+    size: tuple[int, int],
+    seed: int,
+    cameras: Mapping[str, float],
 ) -> None:
     folder = LAYOUT.segmentation_images(root, split)
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,10 +261,11 @@ def _write_segmentation(
     without_he = set(pick.permutation(len(ids))[:1].tolist()) if one_without_he else set()
     for n, number in enumerate(ids):
         rng = _rng(seed, split, "segmentation", number)
+        camera = draw_camera(rng, cameras)
         plan = plan_segmentation(rng, with_he=n not in without_he, with_se=n in with_se)
-        painted = paint(rng, size, plan)
+        painted = paint(rng, size, plan, camera)
         image_id = f"IDRiD_{number:02d}"
-        _write(folder / f"{image_id}.jpg", _jpeg(painted.image))
+        _write(folder / f"{image_id}.jpg", _jpeg(painted.image, painted.jpeg_quality))
         present = {"HE": n not in without_he, "SE": n in with_se}
         for k, lesion in enumerate(LESIONS):
             if not present.get(lesion, True):
@@ -236,6 +285,7 @@ def make_idrid_replica(
     n_seg_test: int = 12,
     size: tuple[int, int] = (384, 256),
     seed: int = 0,
+    cameras: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a synthetic IDRiD download under ``root`` (which must not hold one already).
 
@@ -243,8 +293,11 @@ def make_idrid_replica(
         root: the folder to create; it will hold ``A. Segmentation`` and ``B. Disease Grading``.
         n_grading_train, n_grading_test: grading images per split (the release: 413 / 103).
         n_seg_train, n_seg_test: segmentation images per split (the release: 54 / 27).
-        size: ``(width, height)`` of the photographs (the release: 4288×2848).
+        size: ``(width, height)`` of the photographs of IDRiD's camera (the release:
+            4288×2848); the other cameras' frames have its height and their aspect ratio.
         seed: everything drawn is a function of it.
+        cameras: ``{camera name: weight}``, the share of each camera (default
+            :data:`CAMERA_MIX`; ``{"idrid": 1}`` for IDRiD's framing only).
 
     Returns:
         ``root``.
@@ -256,15 +309,21 @@ def make_idrid_replica(
     for part in (LAYOUT.segmentation, LAYOUT.grading):
         if (root / part).exists():
             raise DataError(f"{root / part}: already exists; remove it or choose another folder")
+    cameras = dict(CAMERA_MIX if cameras is None else cameras)
+    unknown = [name for name in cameras if name not in CAMERAS]
+    if unknown or not cameras or min(cameras.values()) < 0 or sum(cameras.values()) <= 0:
+        raise ConfigError(
+            f"cameras: expected positive weights of {', '.join(CAMERAS)}, got {cameras}"
+        )
     counts = (n_grading_train, n_grading_test, n_seg_train, n_seg_test)
     if min(counts) < 0 or n_grading_train + n_seg_train < 1:
         raise DataError(f"{root}: replica image counts must be >= 0 with some training images")
     for split, count in (("train", n_grading_train), ("test", n_grading_test)):
-        _write_grading(root, split, count, (width, height), seed)
+        _write_grading(root, split, count, (width, height), seed, cameras)
     seg_ids = {
         "train": range(1, n_seg_train + 1),
         "test": range(n_seg_train + 1, n_seg_train + n_seg_test + 1),
     }
     for split, ids in seg_ids.items():
-        _write_segmentation(root, split, list(ids), (width, height), seed)
+        _write_segmentation(root, split, list(ids), (width, height), seed, cameras)
     return root
