@@ -340,3 +340,33 @@ def test_make_gamma_command_writes_a_loadable_replica(tmp_path, capsys):
     assert len(ds.class_labels()) == 4
     assert main(["data", "make-gamma", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trains_a_single_modality_model_through_the_engine(replica, tmp_path):
+    from moekit.engine import Trainer
+
+    data = {"type": "gamma", "root": str(replica), "tasks": ["grade"], "modalities": ["oct"]}
+    data.update(num_bscans=4, oct_size=OCT)
+    cfg = {
+        "name": "gamma_oct",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "tasks": {
+            "grade": {
+                "kind": "multiclass",
+                "num_classes": 3,
+                "loss": ["cross_entropy"],
+                "metrics": ["accuracy", "kappa"],
+            }
+        },
+        "data": {
+            "train": {**data, "split": "train", "modality_dropout": 0.3},
+            "val": {**data, "split": "val"},
+            "batch_size": 4,
+        },
+        "model": {"type": "tiny_mtl", "width": 4, "in_channels": 4},
+        "train": {"epochs": 1},
+    }
+    summary = Trainer(cfg).fit()
+    assert summary["status"] == "completed"

@@ -242,3 +242,39 @@ def test_builds_from_the_registry_and_the_cli_writes_a_replica(tmp_path, capsys)
     )
     assert len(ds) == 6
     assert main(["data", "make-multiview", "--out", str(tmp_path / "m")]) == 2
+
+
+@pytest.mark.slow
+def test_one_view_table_trains_a_single_image_model(replica, tmp_path):
+    from moekit.engine import Trainer
+
+    data = {
+        "type": "multiview_csv",
+        "csv": str(replica / CSV_NAME),
+        "views": {"image": "R_CC"},
+        "tasks": {
+            "density": TASKS["density"],
+            "mass_rcc": {**TASKS["mass_lcc"], "column": "R_CC_mask", "view": "image"},
+        },
+        "split_column": "split",
+        "channels": 1,
+        "image_size": SIZE,
+    }
+    cfg = {
+        "name": "one_view",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "tasks": {
+            name: {**spec, "loss": ["cross_entropy" if name == "density" else "bce"]}
+            for name, spec in multiview_csv_tasks(data["tasks"]).items()
+        },
+        "data": {
+            "train": {**data, "split": "train"},
+            "val": {**data, "split": "val"},
+            "batch_size": 4,
+        },
+        "model": {"type": "tiny_mtl", "width": 4, "in_channels": 1},
+        "train": {"epochs": 1},
+    }
+    summary = Trainer(cfg).fit()
+    assert summary["status"] == "completed"
