@@ -2,10 +2,12 @@
 mutual information I(M;E|T) wired from its records, and FLOPs."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from moekit import config
@@ -16,10 +18,13 @@ from moekit.analysis.flops import (
     reference_macs,
     task_counts,
 )
+from moekit.cli import main
+from moekit.data.gamma import gamma_tasks
+from moekit.data.replicas.gamma import make_gamma_replica
 from moekit.errors import ConfigError
 from moekit.losses.aux_mutual_information import ConditionalMutualInformationLoss
 from moekit.moe import MoEMLP, SoftMoE
-from moekit.registry import MODELS, import_builtins
+from moekit.registry import BACKBONES, MODELS, import_builtins
 from moekit.types import tasks_from_config
 
 import_builtins()
@@ -52,7 +57,7 @@ VARIANTS = {
     "no_msoe_shared_fusion": {"msoe": {"depth": 0}, "fusion": {"per_task": False, "depth": 2}},
     "vit_and_3d_stem": {
         "modalities": {
-            "fundus": {"type": "timm_tokens", "name": "test_vit", "model_kwargs": {"img_size": 64}},
+            "fundus": {"type": "timm_tokens", "name": "test_vit", "timm_kwargs": {"img_size": 64}},
             "oct": {"type": "conv3d_tokens", "patch": [2, 16, 16], "hidden": 8},
         }
     },
@@ -293,8 +298,66 @@ def test_config_errors():
         MODELS.build(model_config(mtoe={"input": "fusion"}), tasks=TASKS)
     with pytest.raises(ConfigError, match=r"model\.heads\.disc\.modality"):
         MODELS.build(model_config(heads={"disc": {"modality": "oct"}}), tasks=TASKS)
+    with pytest.raises(ConfigError, match=r"model\.heads\.disc\.hiden.*did you mean .hidden."):
+        MODELS.build(model_config(heads={"disc": {"hiden": 3}}), tasks=TASKS)
     model = build()
     with pytest.raises(ValueError, match="modalities"):
         model({"fundus": torch.randn(1, 3, 64, 64)})
     with pytest.raises(TypeError, match="modality"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_token_encoders_shapes_and_grids():
+    cnn = BACKBONES.build({"type": "timm_tokens", "name": "test_resnet", "stage": 2}, dim=16)
+    tokens, grid = cnn(torch.randn(2, 3, 64, 48))
+    assert grid == (8, 6) and tokens.shape == (2, 48, 16)
+    vit = BACKBONES.build(
+        {"type": "timm_tokens", "name": "test_vit", "timm_kwargs": {"img_size": 32}}, dim=16
+    )
+    tokens, grid = vit(torch.randn(2, 3, 32, 32))
+    assert grid == (2, 2) and tokens.shape == (2, 4, 16)  # the class token dropped
+    inner = {"type": "timm_tokens", "name": "test_resnet", "in_chans": 1}
+    stack = BACKBONES.build({"type": "slice_stack", "encoder": inner, "pool": False}, dim=16)
+    tokens, grid = stack(torch.randn(2, 3, 64, 64))
+    assert grid is None and tokens.shape == (2, 3 * 4, 16)
+    # each slice is encoded alone: changing one slice changes only its own tokens
+    volume = torch.randn(1, 3, 64, 64)
+    changed = volume.clone()
+    changed[0, 1] = 0
+    a, b = stack.eval()(volume)[0], stack(changed)[0]
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4:8], b[:, 4:8])
+    pooled = BACKBONES.build({"type": "slice_stack", "encoder": inner, "num_slices": 3}, dim=16)
+    assert pooled(torch.randn(2, 3, 32, 32))[0].shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="num_slices is 3"):
+        pooled(torch.randn(2, 5, 32, 32))
+    stem = BACKBONES.build({"type": "conv3d_tokens", "patch": [2, 8, 8], "hidden": 4}, dim=16)
+    assert stem(torch.randn(2, 4, 32, 16))[0].shape == (2, 2 * 4 * 2, 16)
+
+
+def test_moekit_flops_counts_m4oe_on_a_gamma_replica(tmp_path, capsys):
+    """End to end: ``moekit flops CONFIG --check`` on GAMMA replica samples (fundus + OCT)."""
+    root = make_gamma_replica(
+        tmp_path / "gamma",
+        n_train=4,
+        num_bscans=4,
+        fundus_size=(96, 64),
+        oct_size=(32, 32),
+        seg_fraction=1.0,
+        seg_only_fraction=0.0,
+    )
+    data = {"type": "gamma", "root": str(root), "num_bscans": 4, "fundus_size": [64, 96]}
+    data.update(oct_size=[32, 32], val_fraction=0.5)
+    cfg = {
+        "name": "m4oe_tiny",
+        "tasks": gamma_tasks(),
+        "data": {"train": {**data, "split": "train"}, "val": {**data, "split": "val"}},
+        "model": model_config(),
+    }
+    path = tmp_path / "m4oe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["flops", str(path), "--batch", "2", "--check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_shape"] == {"fundus": [2, 3, 64, 96], "oct": [2, 4, 32, 32]}
+    assert report["matmul_flops"] == report["reference_matmul_flops"] > 0
+    for part in ("encoders", "msoe", "mtoe", "mtoe.0.mlp", "fusion", "heads.disc"):
+        assert report["per_module"][part]["flops"] > 0, part

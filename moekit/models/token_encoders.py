@@ -4,8 +4,7 @@ A token encoder is built with the model's token width ``dim`` and maps its input
 ``(tokens [B, N, dim], grid)``, where ``grid = (h, w)`` when the ``N`` tokens are a 2-D map in
 row-major order (a CNN feature map, a ViT's patch grid) and ``None`` otherwise; ``spatial``
 says which a model can expect before it runs. Multi-modal models (M4oE) build one per
-modality. Weights never download: ``pretrained`` is a local file (see
-:func:`moekit.models.backbones.check_weights_file`).
+modality.
 """
 
 from __future__ import annotations
@@ -13,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
-from moekit.errors import ConfigError, did_you_mean
-from moekit.models.backbones import check_weights_file
+from moekit.errors import ConfigError
+from moekit.models.backbones import TimmFeatures
 from moekit.registry import BACKBONES
 
 Grid = tuple[int, int] | None
@@ -26,21 +24,19 @@ Grid = tuple[int, int] | None
 
 @BACKBONES.register("timm_tokens")
 class TimmTokens(nn.Module):
-    """Any timm model as a token encoder, projected to ``dim`` by a linear layer.
+    """A timm model's feature map as tokens, projected to ``dim`` by a linear layer.
 
-    A CNN's feature map ``[B, C, h, w]`` (the last stage, or ``stage`` of its feature
-    pyramid) becomes ``h·w`` tokens in row-major order; a transformer's tokens are its patch
-    tokens (class/register tokens dropped), with their patch grid. NHWC outputs (Swin,
-    MambaOut) are read as such.
+    The map of stage ``stage`` (:class:`~moekit.models.backbones.TimmFeatures`, so any timm
+    family: a CNN stage, a ViT block's patch tokens on their grid, Swin's maps) ``[B, C, h,
+    w]`` becomes ``h·w`` tokens in row-major order.
 
     Args:
         dim: token width of the model.
         name: a timm model name (``resnet18``, ``vit_small_patch16_224``, ...).
+        stage: the feature stage (``out_indices`` entry; ``-1``: the last).
         in_chans: input channels.
-        pretrained: a local weights file (no downloads).
-        stage: a CNN stage index (timm ``features_only`` ``out_indices``); ``None``: the
-            model's final features.
-        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size`` for a ViT).
+        pretrained: a local weights file, ``true`` (timm's hub) or ``null``.
+        timm_kwargs: further ``timm.create_model`` arguments (``img_size`` for a ViT...).
     """
 
     spatial = True
@@ -49,54 +45,25 @@ class TimmTokens(nn.Module):
         self,
         dim: int,
         name: str = "resnet18",
+        stage: int = -1,
         in_chans: int = 3,
-        pretrained: str | None = None,
-        stage: int | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
+        pretrained: str | bool | None = None,
+        timm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        weights = check_weights_file(pretrained, f"encoder '{name}'.pretrained")
-        if name not in timm.list_models():
-            raise ConfigError(
-                f"encoder name: timm has no model '{name}'{did_you_mean(name, timm.list_models())}"
-            )
-        common = dict(
-            in_chans=in_chans,
-            pretrained=weights is not None,
-            pretrained_cfg_overlay=dict(file=weights) if weights else None,
-            **dict(model_kwargs or {}),
+        self.in_chans = in_chans
+        self.features = TimmFeatures(
+            name,
+            out_indices=(stage,),
+            pretrained=pretrained,
+            timm_kwargs={"in_chans": in_chans, **dict(timm_kwargs or {})},
         )
-        if stage is None:
-            self.body = timm.create_model(name, num_classes=0, global_pool="", **common)
-            channels = self.body.num_features
-        else:
-            self.body = timm.create_model(name, features_only=True, out_indices=(stage,), **common)
-            channels = self.body.feature_info.channels()[-1]
-        self.in_chans, self.stage = in_chans, stage
-        self.channels_last = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
-        self.num_prefix_tokens = int(getattr(self.body, "num_prefix_tokens", 0) or 0)
-        self.proj = nn.Linear(channels, dim)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)[0] if self.stage is not None else self.body.forward_features(x)
-
-    def patch_grid(self, x: Tensor, count: int) -> Grid:
-        """The patch grid of a transformer's ``count`` tokens, when it has one."""
-        patch_embed = getattr(self.body, "patch_embed", None)
-        if patch_embed is None or not hasattr(patch_embed, "dynamic_feat_size"):
-            return None
-        h, w = (int(s) for s in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-        return (h, w) if h * w == count else None
+        self.proj = nn.Linear(self.features.channels[-1], dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
-        features = self.features(x)
-        if features.dim() == 4:
-            if not self.channels_last:
-                features = features.permute(0, 2, 3, 1)
-            grid = (int(features.shape[1]), int(features.shape[2]))
-            return self.proj(features.flatten(1, 2)), grid
-        tokens = features[:, self.num_prefix_tokens :]
-        return self.proj(tokens), self.patch_grid(x, tokens.shape[1])
+        (feature_map,) = self.features(x)
+        grid = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
+        return self.proj(feature_map.flatten(2).transpose(1, 2)), grid
 
 
 @BACKBONES.register("slice_stack")

@@ -50,7 +50,7 @@ from moekit.models.single_task import task_position
 from moekit.moe import keep_task_routers, name_moe_layers
 from moekit.projects.m4oe.blocks import MoEBlock, masked_mean
 from moekit.projects.m4oe.heads import HEAD_TYPES, FiLMDecoderHead
-from moekit.registry import BACKBONES, MODELS
+from moekit.registry import BACKBONES, MODELS, accepted_kwargs
 from moekit.routing.types import RoutingRecord
 from moekit.types import ModelOutput, Task
 
@@ -71,6 +71,7 @@ FUSION_DEFAULTS: dict[str, Any] = {
     "moe": {"type": "soft_moe", "num_experts": 4, "slots_per_expert": 1},
 }
 MTOE_INPUTS = ("encoder", "msoe")
+HEAD_FILLED = ("dim", "out_channels")
 
 
 def part_settings(given: Mapping[str, Any] | None, defaults: dict[str, Any], where: str) -> dict:
@@ -213,32 +214,47 @@ class M4oE(nn.Module):
         )
         self.fusion_per_task = bool(fusion_cfg["per_task"])
         self.fusion_norm = nn.LayerNorm(dim)
+        heads = dict(heads or {})
+        unknown = sorted(set(heads) - set(self.task_names))
+        if unknown:
+            raise ConfigError(f"config key 'model.heads': no task named '{unknown[0]}'")
         self.heads = nn.ModuleDict(
-            {name: self._build_head(name, task, dim, heads or {}) for name, task in tasks.items()}
+            {
+                name: self.build_head(name, task, dim, heads.get(name))
+                for name, task in tasks.items()
+            }
         )
         for param in (self.modality_embed, self.fusion_embed):
             if param is not None:
                 trunc_normal_(param, std=0.02)
         name_moe_layers(self)
 
-    def _build_head(self, name: str, task: Task, dim: int, heads: Mapping[str, Any]) -> nn.Module:
-        unknown = sorted(set(heads) - set(self.task_names))
-        if unknown:
-            raise ConfigError(f"config key 'model.heads': no task named '{unknown[0]}'")
-        spatial = [m for m in self.modality_names if getattr(self.encoders[m], "spatial", False)]
-        cfg = dict(heads.get(name) or {})
+    def build_head(
+        self, name: str, task: Task, dim: int, cfg: Mapping[str, Any] | None
+    ) -> nn.Module:
+        """Task ``name``'s head from ``model.heads.<name>`` (see the class docstring)."""
+        cfg = dict(cfg or {})
         kind = cfg.pop("type", "film_decoder" if task.is_dense else "linear")
+        where = f"config key 'model.heads.{name}"
         if kind not in HEAD_TYPES:
             raise ConfigError(
-                f"config key 'model.heads.{name}.type': '{kind}' is unknown; valid: "
-                f"{', '.join(HEAD_TYPES)}{did_you_mean(str(kind), HEAD_TYPES)}"
+                f"{where}.type': '{kind}' is unknown; valid: {', '.join(HEAD_TYPES)}"
+                f"{did_you_mean(str(kind), HEAD_TYPES)}"
             )
+        accepted = [k for k in accepted_kwargs(HEAD_TYPES[kind])[0] if k not in HEAD_FILLED]
+        for key in cfg:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{where}.{key}': head '{kind}' does not accept it; accepted: "
+                    f"{', '.join(accepted)}{did_you_mean(str(key), accepted)}"
+                )
         if kind == "film_decoder":
+            spatial = [m for m in self.modality_names if getattr(self.encoders[m], "spatial", 0)]
             modality = cfg.setdefault("modality", spatial[0] if spatial else None)
             if modality not in spatial:
                 raise ConfigError(
-                    f"config key 'model.heads.{name}.modality': '{modality}' is not a modality "
-                    f"with a 2-D feature map; valid: {', '.join(spatial) or '(none)'}"
+                    f"{where}.modality': '{modality}' is not a modality with a 2-D feature "
+                    f"map; valid: {', '.join(spatial) or '(none)'}"
                 )
         return HEAD_TYPES[kind](dim=dim, out_channels=task.num_classes, **cfg)
 
@@ -388,8 +404,7 @@ class M4oE(nn.Module):
         encoded = self.encode(inputs, present)
         msoe_out = self.run_msoe(encoded, records)
         pooled = self.pool_msoe(msoe_out, encoded, batch)
-        dim = pooled.shape[-1]
-        preds: dict[str, Tensor] = {}
+        fused = pooled.new_zeros(0, pooled.shape[-1])
         if encoded and rows.numel():
             sources = (
                 msoe_out
@@ -398,10 +413,10 @@ class M4oE(nn.Module):
             )
             summary = self.run_mtoe(sources, encoded, present, rows, task_ids, records)
             fused = self.run_fusion(summary, pooled, present, rows, task_ids, records)
-        else:
-            fused = pooled.new_zeros(0, dim)
-        for t, name in enumerate(self.task_names):
-            preds[name] = self.predict(name, fused, rows, task_ids == t, inputs, encoded, batch)
+        preds = {
+            name: self.predict(name, fused, rows, task_ids == t, inputs, encoded, present)
+            for t, name in enumerate(self.task_names)
+        }
         return ModelOutput(preds, records)
 
     def predict(
@@ -412,21 +427,16 @@ class M4oE(nn.Module):
         of_task: Tensor,
         inputs: Mapping[str, Tensor],
         encoded: dict[str, Encoded],
-        batch: int,
+        present: Tensor,
     ) -> Tensor:
-        """Task ``name``'s predictions for all ``B`` samples (zero rows where not computed)."""
-        head = self.heads[name]
+        """Task ``name``'s predictions for all ``B`` samples from the fused features of its
+        rows (zero rows where not computed; a segmentation only where its modality is
+        present)."""
+        head, batch = self.heads[name], present.shape[0]
         size = None
         if isinstance(head, FiLMDecoderHead):
             size = tuple(inputs[head.modality].shape[-2:])
-            enc = encoded.get(head.modality)
-            if enc is None:
-                of_task = torch.zeros_like(of_task)
-            else:
-                # only samples that have the decoded modality get a segmentation
-                has = torch.zeros(batch, dtype=torch.bool, device=rows.device)
-                has[enc.samples] = True
-                of_task = of_task & has[rows]
+            of_task = of_task & present[rows, self.modality_names.index(head.modality)]
         selected = of_task.nonzero().squeeze(1)
         if selected.numel() == 0:
             return fused.new_zeros((batch, *head.output_shape(size)))
@@ -434,10 +444,11 @@ class M4oE(nn.Module):
         features = fused.index_select(0, selected)
         if size is None:
             return scatter_rows(head(features), samples, batch)
-        position = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
-        position[enc.samples] = torch.arange(enc.samples.numel(), device=rows.device)
+        enc = encoded[head.modality]
         if enc.grid is None:
             raise ValueError(f"m4oe: the encoder of '{head.modality}' gave no 2-D token grid")
+        position = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+        position[enc.samples] = torch.arange(enc.samples.numel(), device=rows.device)
         tokens = enc.tokens.index_select(0, position[samples])
         feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *enc.grid)
         return scatter_rows(head(features, feature_map, size), samples, batch)
