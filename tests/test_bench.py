@@ -13,18 +13,35 @@ def test_bench_returns_numbers_and_markdown_rows():
     threads = torch.get_num_threads()
     report = bench_moe.run(**TINY, p_values=(0.3, 0.7), threads=1)
     assert torch.get_num_threads() == threads, "the thread setting is restored"
-    assert [row["key"] for row in report.train] == ["dense", "grouped_mm", "loop", "masked"]
+    variants = ["dense", "grouped_mm", "loop", "reference", "masked"]
+    assert [row["key"] for row in report.train] == variants
     assert report.train[0]["ratio"] == 1.0
-    assert all(row["ms"] > 0 for row in report.train)
+    assert all(row["ms"] > 0 and row["dtype"] == "float32" for row in report.train)
     assert [row["key"] for row in report.top_p] == ["all", "p=0.3", "p=0.7"]
     assert report.top_p[0]["experts"] == 4
     assert all(1 <= row["experts"] <= 4 for row in report.top_p)
-    assert [row["key"] for row in report.memory] == ["dense", "grouped_mm", "loop"]
+    assert [row["key"] for row in report.memory] == ["dense", "grouped_mm", "loop", "reference"]
     assert all(row["peak_mib"] > row["grad_mib"] > 0 for row in report.memory)
     table = report.markdown()
     for heading in ("forward + backward", "inference routing", "forward + backward memory"):
-        assert f"| {heading} |" in table
+        assert f"| dtype | {heading} |" in table
     assert "dispatch `loop`" in table and "top-p, p=0.7" in table
+    assert "Mod-Squad reference code" in table and "bf16 units" in table
+
+
+def test_bench_measures_each_dtype_against_its_own_dense_layer():
+    report = bench_moe.run(**TINY, p_values=(0.5,), threads=1, dtypes=("float32", "bfloat16"))
+    for rows in (report.train, report.top_p, report.memory):
+        assert [row["dtype"] for row in rows] == sorted(
+            [row["dtype"] for row in rows], key=["float32", "bfloat16"].index
+        )
+        assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
+    baselines = [row for row in report.train if row["key"] == "dense"]
+    assert [row["ratio"] for row in baselines] == [1.0, 1.0]
+    bf16_grads = [row["grad_mib"] for row in report.memory if row["dtype"] == "bfloat16"]
+    f32_grads = [row["grad_mib"] for row in report.memory if row["dtype"] == "float32"]
+    assert bf16_grads == f32_grads, "float32 master weights: the same gradient bytes"
+    assert "| bfloat16 | dense MLP" in report.markdown()
 
 
 def test_bench_command_prints_the_table(capsys):
@@ -51,10 +68,12 @@ def test_bench_command_prints_the_table(capsys):
         "--threads",
         "1",
         "--no-masked",
+        "--dtype",
+        "bfloat16",
     ]
     assert main(["bench", "moe", *args]) == 0
     out = capsys.readouterr().out
-    assert "| dense MLP, hidden 8 |" in out
+    assert "| bfloat16 | dense MLP, hidden 8 |" in out and "| float32 |" not in out
     assert "top-p, p=0.5" in out
     assert "dense masked" not in out
 

@@ -30,15 +30,32 @@ def test_seed_style_masking_computes_the_same_outputs():
 def test_bench_idrid_reports_both_steps_and_labels_the_untrained_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default config resolves to the checkout's
     result = run(batch=2, size=(32, 48), reps=1, warmup=0)
-    for step in ("train", "infer"):
-        assert set(result[step]) == {"sparse_ms", "masked_ms", "ratio"}
-        assert result[step]["sparse_ms"] > 0 and result[step]["masked_ms"] > 0
+    assert [(r["step"], r["dtype"], r["memory_format"]) for r in result["rows"]] == [
+        ("train", "float32", "contiguous"),
+        ("infer", "float32", "contiguous"),
+    ]
+    for row in result["rows"]:
+        assert row["sparse_ms"] > 0 and row["masked_ms"] > 0 and row["to_base"] == 1.0
     assert all(1 <= v <= result["experts"] for v in result["selected"].values())
     assert result["settings"]["trained"] is False
     assert result["settings"]["config"].endswith("configs/idrid/demo.yaml")
     table = markdown(result)
-    assert "| train |" in table and "| infer |" in table and "mean experts selected" in table
+    assert "| train | float32 | contiguous |" in table and "| infer |" in table
+    assert "mean experts selected" in table and "bf16 units" in table
     assert "untrained" in table and "UNTRAINED gates" in table and "resnet18 backbone" in table
+
+
+def test_bench_idrid_times_every_dtype_and_memory_format_against_the_first(capsys):
+    from moekit.cli import main
+
+    args = ["--batch", "2", "--size", "32", "48", "--reps", "1", "--warmup", "0"]
+    args += ["--dtype", "float32", "bfloat16", "--memory-format", "channels_last"]
+    assert main(["bench", "idrid", *args]) == 0
+    out = capsys.readouterr().out
+    for dtype in ("float32", "bfloat16"):
+        for step in ("train", "infer"):
+            assert f"| {step} | {dtype} | channels_last |" in out
+    assert "| contiguous |" not in out and "sparse / sparse (float32, channels_last)" in out
 
 
 @pytest.mark.slow

@@ -5,13 +5,19 @@ dense, MoE, ...) and reported as medians, so that drifting machine load hits eve
 
 1. training step (forward + backward) of a MoE-MLP (``E`` experts, top-k, expert hidden
    ``H``) against a dense MLP of hidden ``k * H``: the same active FLOPs (Mod-Squad's
-   ``H_e = H / k`` rule). Each dispatch strategy is timed, plus the seed-style "dense masked"
-   MoE that computes every expert on every token and masks the unselected ones;
+   ``H_e = H / k`` rule). Each dispatch strategy is timed, plus the Mod-Squad reference code's
+   layer (:mod:`moekit.bench.reference_moe`, routing the same pairs) and the seed-style "dense
+   masked" MoE that computes every expert on every token and masks the unselected ones;
 2. inference with top-p routing at several ``p`` against all-experts dense routing of the same
    layer (the same gate), with the mean number of experts selected: time should fall in
    proportion to the experts selected;
 3. peak memory of forward + backward (tensors allocated inside the step, parameter gradients
    included), MoE against dense.
+
+Every measurement runs in each of the requested dtypes (``--dtype float32 bfloat16``): bf16
+under autocast (float32 master weights, as ``train.mixed_precision: bf16`` trains), all
+dtypes' variants alternating in the same repetitions, each ratio against the dense layer of
+its own dtype.
 """
 
 from __future__ import annotations
@@ -22,13 +28,24 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.bench.timing import PeakMemory, add_timing_arguments, summarize, time_alternating
+from moekit.bench.reference_moe import ReferenceMoEMLP
+from moekit.bench.timing import (
+    DTYPES,
+    PeakMemory,
+    add_dtype_argument,
+    add_timing_arguments,
+    autocast,
+    processor_name,
+    summarize,
+    time_alternating,
+)
 from moekit.moe.dispatch import STRATEGIES
 from moekit.moe.mlp import MoEMLP
 
@@ -47,27 +64,32 @@ class BenchReport:
         lines = [
             f"MoE-MLP benchmark: {s['batch']}x{s['tokens']} tokens, dim {s['dim']}, "
             f"{s['experts']} experts, top-{s['k']}, expert hidden {s['hidden']} "
-            f"(dense hidden {s['k'] * s['hidden']}); device {s['device']}, "
+            f"(dense hidden {s['k'] * s['hidden']}); device {s['device']} ({s['processor']}), "
             f"{s['threads']} threads, {s['reps']} alternating repetitions; median times, ratios "
-            "are medians of per-repetition ratios.",
+            "are medians of per-repetition ratios to the dense MLP of the same dtype.",
             "",
-            "| forward + backward | median ms | ratio to dense |",
-            "|---|---:|---:|",
-            *(f"| {r['name']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in self.train),
-            "",
-            "| inference routing | mean experts / token | median ms | time ratio | expert ratio |",
-            "|---|---:|---:|---:|---:|",
+            "| dtype | forward + backward | median ms | ratio to dense |",
+            "|---|---|---:|---:|",
             *(
-                f"| {r['name']} | {r['experts']:.2f} | {r['ms']:.2f} | {r['ratio']:.3f} | "
-                f"{r['expert_ratio']:.3f} |"
+                f"| {r['dtype']} | {r['name']} | {r['ms']:.2f} | {r['ratio']:.3f} |"
+                for r in self.train
+            ),
+            "",
+            "| dtype | inference routing | mean experts / token | median ms | time ratio | "
+            "expert ratio |",
+            "|---|---|---:|---:|---:|---:|",
+            *(
+                f"| {r['dtype']} | {r['name']} | {r['experts']:.2f} | {r['ms']:.2f} | "
+                f"{r['ratio']:.3f} | {r['expert_ratio']:.3f} |"
                 for r in self.top_p
             ),
             "",
-            "| forward + backward memory | peak MiB | of which parameter gradients | "
+            "| dtype | forward + backward memory | peak MiB | of which parameter gradients | "
             "ratio to dense |",
-            "|---|---:|---:|---:|",
+            "|---|---|---:|---:|---:|",
             *(
-                f"| {r['name']} | {r['peak_mib']:.1f} | {r['grad_mib']:.1f} | {r['ratio']:.3f} |"
+                f"| {r['dtype']} | {r['name']} | {r['peak_mib']:.1f} | {r['grad_mib']:.1f} | "
+                f"{r['ratio']:.3f} |"
                 for r in self.memory
             ),
         ]
@@ -102,10 +124,14 @@ def _zero_grads(*modules: nn.Module) -> Callable[[str], None]:
     return zero
 
 
-def _train_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+def _train_step(
+    layer: Callable[[Tensor], Any], x: Tensor, grad: Tensor, dtype: str = "float32"
+) -> Callable[[], None]:
     def step() -> None:
-        y = layer(x)
-        (y[0] if isinstance(y, tuple) else y).backward(grad)
+        with autocast(x.device, dtype):
+            y = layer(x)
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(grad.to(y.dtype))
 
     return step
 
@@ -124,50 +150,21 @@ def run(
     device: str = "cpu",
     masked: bool = True,
     seed: int = 0,
+    dtypes: Sequence[str] = ("float32",),
 ) -> BenchReport:
-    """Run the three measurements and return their numbers (see the module docstring).
+    """Run the three measurements in every dtype of ``dtypes`` and return their numbers (see
+    the module docstring).
 
     Uses ``threads`` CPU threads (default: all cores) and restores the thread count and the
     global random state afterwards.
     """
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        raise ValueError(f"dtypes must be a non-empty subset of {DTYPES}, got {list(dtypes)}")
     previous_threads = torch.get_num_threads()
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return _measure(
-                batch,
-                tokens,
-                dim,
-                experts,
-                k,
-                hidden,
-                reps,
-                warmup,
-                p_values,
-                threads,
-                torch.device(device),
-                masked,
-            )
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _measure(
-    batch: int,
-    tokens: int,
-    dim: int,
-    experts: int,
-    k: int,
-    hidden: int,
-    reps: int,
-    warmup: int,
-    p_values: Sequence[float],
-    threads: int,
-    dev: torch.device,
-    masked: bool,
-) -> BenchReport:
+    dev = torch.device(device)
     settings = dict(
         batch=batch,
         tokens=tokens,
@@ -177,30 +174,57 @@ def _measure(
         hidden=hidden,
         reps=reps,
         device=str(dev),
+        processor=processor_name(dev),
         threads=threads,
+        dtypes=list(dtypes),
     )
-    report = BenchReport(settings)
-    x = torch.randn(batch, tokens, dim, device=dev)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _measure(BenchReport(settings), warmup, p_values, dev, masked)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(
+    report: BenchReport,
+    warmup: int,
+    p_values: Sequence[float],
+    dev: torch.device,
+    masked: bool,
+) -> BenchReport:
+    s = report.settings
+    dim, experts, k, hidden, reps, dtypes = (
+        s[key] for key in ("dim", "experts", "k", "hidden", "reps", "dtypes")
+    )
+    x = torch.randn(s["batch"], s["tokens"], dim, device=dev)
     grad = torch.randn_like(x)
     dense = DenseMLP(dim, k * hidden).to(dev)
     moe = {
         name: MoEMLP(dim, hidden, experts, {"type": "topk", "k": k}, strategy=name).to(dev)
         for name in STRATEGIES
     }
-
-    fns = {"dense": _train_step(dense, x, grad)}
-    for name, layer in moe.items():
-        fns[name] = _train_step(layer, x, grad)
+    reference = ReferenceMoEMLP(moe["loop"])
+    layers: dict[str, Callable[[Tensor], Any]] = {"dense": dense, **moe, "reference": reference}
     if masked:
-        fns["masked"] = _train_step(lambda inp: dense_masked(moe["loop"], inp), x, grad)
-    times = time_alternating(fns, reps, warmup, dev, _zero_grads(dense, *moe.values()))
+        layers["masked"] = partial(dense_masked, moe["loop"])
     labels = {
         "dense": f"dense MLP, hidden {k * hidden}",
         **{name: f"MoE-MLP top-{k}, dispatch `{name}`" for name in moe},
+        "reference": f"MoE-MLP top-{k}, the Mod-Squad reference code's layer (re-implemented)",
         "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, seed-style)",
     }
-    for name, (ms, ratio) in summarize(times, "dense").items():
-        report.train.append(dict(name=labels[name], key=name, ms=ms, ratio=ratio))
+    fns = {
+        f"{dtype}/{name}": _train_step(layer, x, grad, dtype)
+        for dtype in dtypes
+        for name, layer in layers.items()
+    }
+    modules = [dense, *moe.values(), reference]
+    times = time_alternating(fns, reps, warmup, dev, _zero_grads(*modules))
+    for dtype in dtypes:
+        own = {name: times[f"{dtype}/{name}"] for name in layers}
+        for name, (ms, ratio) in summarize(own, "dense").items():
+            report.train.append(dict(dtype=dtype, name=labels[name], key=name, ms=ms, ratio=ratio))
 
     layer = copy.deepcopy(moe["loop"]).eval()  # its router changes; the memory rows keep top-k
     nn.init.normal_(layer.router.gate.weight, std=1.5 / math.sqrt(dim))
@@ -208,51 +232,58 @@ def _measure(
     routers.update({f"p={p}": {"type": "top_p", "p": p} for p in p_values})
     records: dict[str, Any] = {}
 
-    def infer(name: str) -> Callable[[], None]:
+    def infer(key: str, dtype: str) -> Callable[[], None]:
         def fn() -> None:
-            with torch.no_grad():
-                records[name] = layer(x)[1]
+            with torch.no_grad(), autocast(dev, dtype):
+                records[key] = layer(x)[1]
 
         return fn
 
+    keys = [f"{dtype}/{name}" for dtype in dtypes for name in routers]
     times = time_alternating(
-        {name: infer(name) for name in routers},
+        {key: infer(key, key.split("/")[0]) for key in keys},
         reps,
         warmup,
         dev,
-        lambda name: layer.set_router(routers[name]),
+        lambda key: layer.set_router(routers[key.split("/", 1)[1]]),
     )
-    for name, (ms, ratio) in summarize(times, "all").items():
-        selected = float(records[name].routing.num_selected().float().mean())
-        report.top_p.append(
-            dict(
-                name="all experts (dense softmax)" if name == "all" else f"top-p, {name}",
-                key=name,
-                experts=selected,
-                ms=ms,
-                ratio=ratio,
-                expert_ratio=selected / experts,
+    for dtype in dtypes:
+        own = {name: times[f"{dtype}/{name}"] for name in routers}
+        for name, (ms, ratio) in summarize(own, "all").items():
+            selected = float(records[f"{dtype}/{name}"].routing.num_selected().float().mean())
+            report.top_p.append(
+                dict(
+                    dtype=dtype,
+                    name="all experts (dense softmax)" if name == "all" else f"top-p, {name}",
+                    key=name,
+                    experts=selected,
+                    ms=ms,
+                    ratio=ratio,
+                    expert_ratio=selected / experts,
+                )
             )
-        )
 
-    memory_rows = [("dense", dense), *moe.items()]
-    for name, module in memory_rows:
-        module.train()
-        module.zero_grad(set_to_none=True)
-        tracker = PeakMemory()
-        with tracker:
-            _train_step(module, x, grad)()
-        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in module.parameters())
-        report.memory.append(
-            dict(
-                name=labels[name],
-                key=name,
-                peak_mib=tracker.peak / 2**20,
-                grad_mib=grad_bytes / 2**20,
+    for dtype in dtypes:
+        rows = []
+        for name, module in [("dense", dense), *moe.items(), ("reference", reference)]:
+            module.train()
+            module.zero_grad(set_to_none=True)
+            tracker = PeakMemory()
+            with tracker:
+                _train_step(module, x, grad, dtype)()
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            rows.append(
+                dict(
+                    dtype=dtype,
+                    name=labels[name],
+                    key=name,
+                    peak_mib=tracker.peak / 2**20,
+                    grad_mib=sum(g.numel() * g.element_size() for g in grads) / 2**20,
+                )
             )
-        )
-    for row in report.memory:
-        row["ratio"] = row["peak_mib"] / report.memory[0]["peak_mib"]
+        for row in rows:
+            row["ratio"] = row["peak_mib"] / rows[0]["peak_mib"]
+        report.memory.extend(rows)
     return report
 
 
@@ -268,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=384, help="hidden size of each expert")
     add_timing_arguments(parser, reps=20, warmup=3)
+    add_dtype_argument(parser)
     parser.add_argument("--p", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-masked", action="store_true", help="skip the dense-masked MoE")
@@ -289,6 +321,7 @@ def main(argv: Sequence[str]) -> int:
         threads=args.threads,
         device=args.device,
         masked=not args.no_masked,
+        dtypes=args.dtype,
     )
     print(report.markdown())
     return 0

@@ -7,10 +7,13 @@ drifts during the run hits every variant alike; ratios are paired per repetition
 from __future__ import annotations
 
 import argparse
+import contextlib
+import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +28,46 @@ def add_timing_arguments(parser: argparse.ArgumentParser, reps: int, warmup: int
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+
+
+DTYPES = ("float32", "bfloat16")
+"""The precisions a benchmark runs in: float32, or bf16 under autocast."""
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (``/proc/cpuinfo``) of bf16 matrix units: Intel AMX tiles, AVX-512 BF16 dot
+products; without either, bf16 matmuls are converted to float32 and gain nothing."""
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype float32 bfloat16``: one or more precisions, measured in the same run."""
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=["float32"],
+        help="float32 and/or bfloat16 (autocast, float32 master weights); default float32",
+    )
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``dtype == "bfloat16"``, nothing for ``float32``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def processor_name(device: torch.device) -> str:
+    """What ran the benchmark: the GPU's name, or the CPU's model name and its bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in (info.read_text() if info.exists() else "").splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = fields.get("flags", "").split()
+    units = [flag for flag in BF16_FLAGS if flag in flags]
+    return f"{name}, bf16 units: {', '.join(units) if units else 'none'}"
 
 
 def sync(device: torch.device) -> None:

@@ -97,8 +97,11 @@ class RoutingLoss:
         raise NotImplementedError
 
     def __call__(self, records: Sequence[RoutingRecord]) -> Tensor:
+        """The summed loss, a float32 scalar: computed with autocast disabled, so under bf16 or
+        fp16 mixed precision the statistics and logarithms stay in float32."""
         selected = self.select(records)
         if not selected:
             device = records[0].routing.probs.device if records else None
             return torch.zeros((), device=device)
-        return torch.stack([self.layer_loss(r) for r in selected]).sum()
+        with torch.autocast(selected[0].routing.probs.device.type, enabled=False):
+            return torch.stack([self.layer_loss(r).float() for r in selected]).sum()

@@ -121,10 +121,19 @@ class DispatchPlan:
         return x.index_select(0, self.token)
 
     def combine(self, y: Tensor) -> Tensor:
-        """``out[i] = sum over pairs p of row i: weight_p * y_p``: ``[P, ...] -> [n, ...]``."""
-        weight = self.weight.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
-        out = y.new_zeros(self.num_rows, *y.shape[1:])
-        return out.index_add_(0, self.token, y * weight)
+        """``out[i] = sum over pairs p of row i: weight_p * y_p``: ``[P, ...] -> [n, ...]``.
+
+        Weighted and summed in float32 (at least), returned in ``y``'s dtype.
+        """
+        acc = accumulation_dtype(y.dtype)
+        weight = self.weight.to(acc).view(-1, *([1] * (y.dim() - 1)))
+        out = y.new_zeros(self.num_rows, *y.shape[1:], dtype=acc)
+        return out.index_add_(0, self.token, y.to(acc) * weight).to(y.dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of expert outputs are accumulated in: float32 for bf16/fp16 rows."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _LoopGroupedLinear(torch.autograd.Function):
@@ -171,6 +180,10 @@ class _LoopExpertMLP(torch.autograd.Function):
     block's intermediates stay in cache; only ``h`` and ``act(h)`` are kept for backward (as a
     dense MLP keeps them), and no ``[pairs, dim]`` gathered input or output is materialised:
     backward gathers the input rows again.
+
+    The blocks run in the weights' dtype (bf16 under autocast); ``y`` and the input gradient
+    sum the pairs of a row in float32 (:func:`accumulation_dtype`), the combine weights stay
+    float32, and ``y`` is returned in the weights' dtype.
     """
 
     @staticmethod
@@ -185,29 +198,33 @@ class _LoopExpertMLP(torch.autograd.Function):
         act: Activation,
         plan: DispatchPlan,
     ) -> Tensor:
-        y = x.new_zeros(plan.num_rows, w2.shape[-1])
-        h = x.new_empty(plan.num_pairs, w1.shape[-1])
+        dtype = w1.dtype
+        y = x.new_zeros(plan.num_rows, w2.shape[-1], dtype=accumulation_dtype(dtype))
+        h = x.new_empty(plan.num_pairs, w1.shape[-1], dtype=dtype)
         a = torch.empty_like(h)
         for e, rows in plan.groups():
             token = plan.token[rows]
-            _addmm_into(h[rows], x.index_select(0, token), w1, b1, e)
+            _addmm_into(h[rows], x.index_select(0, token).to(dtype), w1, b1, e)
             a[rows] = act(h[rows])
             out = _addmm(a[rows], w2, b2, e)
-            y.index_add_(0, token, out.mul_(scale[rows, None]))
+            y.index_add_(0, token, out.to(y.dtype).mul_(scale[rows, None]))
         ctx.save_for_backward(x, w1, b1, w2, b2, scale, h, a)
         ctx.act, ctx.plan = act, plan
-        return y
+        return y.to(dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, b1, w2, b2, scale, h, a = ctx.saved_tensors
         act, plan = ctx.act, ctx.plan
-        inputs = (x, w1, b1, w2, b2, scale)
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale = (
-            torch.zeros_like(t) if t is not None and need else None
-            for t, need in zip(inputs, ctx.needs_input_grad, strict=False)
-        )
-        grad_y = grad_y.contiguous()
+        dtype = w1.dtype
+        need_x, need_w1, need_b1, need_w2, need_b2, need_scale = ctx.needs_input_grad[:6]
+        grad_x = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype)) if need_x else None
+        grad_w1 = torch.zeros_like(w1) if need_w1 else None
+        grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
+        grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
+        grad_scale = torch.zeros_like(scale) if need_scale else None
+        grad_y = grad_y.to(dtype).contiguous()
         for e, rows in plan.groups():
             token = plan.token[rows]
             g = grad_y.index_select(0, token)
@@ -223,11 +240,13 @@ class _LoopExpertMLP(torch.autograd.Function):
                 torch.sum(g, dim=0, out=grad_b2[e])
             grad_h = act.backward(grad_a.mul_(scale[rows, None]), h[rows])
             if grad_w1 is not None:
-                torch.mm(x.index_select(0, token).t(), grad_h, out=grad_w1[e])
+                torch.mm(x.index_select(0, token).to(dtype).t(), grad_h, out=grad_w1[e])
             if grad_b1 is not None:
                 torch.sum(grad_h, dim=0, out=grad_b1[e])
             if grad_x is not None:
-                grad_x.index_add_(0, token, grad_h @ w1[e].t())
+                grad_x.index_add_(0, token, (grad_h @ w1[e].t()).to(grad_x.dtype))
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale, None, None
 
 
@@ -260,8 +279,9 @@ class Strategy:
         plan: DispatchPlan,
     ) -> Tensor:
         """``y_i = sum_p w_p (act(x_i W1_e + b1_e) W2_e + b2_e)`` over the pairs ``p`` of row
-        ``i``: the input rows ``x [n, C]`` in, the combined output ``[n, C_out]`` out."""
-        h = act(self.linear(plan.gather(x), w1, b1, plan))
+        ``i``: the input rows ``x [n, C]`` in, the combined output ``[n, C_out]`` out, in the
+        weights' dtype (``x`` may be wider: its gathered rows are cast)."""
+        h = act(self.linear(plan.gather(x).to(w1.dtype), w1, b1, plan))
         return plan.combine(self.linear(h, w2, b2, plan))
 
 
@@ -281,7 +301,7 @@ class LoopStrategy(Strategy):
         act: Activation,
         plan: DispatchPlan,
     ) -> Tensor:
-        return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.to(x.dtype), act, plan)
+        return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.float(), act, plan)
 
 
 class GroupedMMStrategy(Strategy):
@@ -323,12 +343,14 @@ def get_strategy(name: str | None, device: torch.device) -> Strategy:
 
 
 def _cast_for_autocast(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast to the autocast dtype (autocast does not cover grouped matmuls or custom
-    functions); the casts are differentiable, so float32 master weights get their gradients."""
+    """``params`` in the autocast dtype of ``x``'s device when autocast is on (autocast does
+    not cover grouped matmuls or custom functions), else as they are; the casts are
+    differentiable, so float32 master weights get their gradients."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    dtype = dtype or (params[0].dtype if params[0] is not None else x.dtype)
-    return tuple(None if t is None else t.to(dtype) for t in (x, *params))
+    if not torch.is_autocast_enabled(device):
+        return params
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in params)
 
 
 def grouped_linear(
@@ -339,8 +361,10 @@ def grouped_linear(
     strategy: str | None = None,
 ) -> Tensor:
     """``y_p = x_p W_{e(p)} + b_{e(p)}`` for the pair rows ``x [P, d_in]`` (``plan.gather``),
-    stacked ``weight [E, d_in, d_out]`` and ``bias [E, d_out]``: ``[P, d_out]``."""
-    x, weight, bias = _cast_for_autocast(x, weight, bias)
+    stacked ``weight [E, d_in, d_out]`` and ``bias [E, d_out]``: ``[P, d_out]``, computed in
+    the weights' dtype (the autocast dtype under autocast)."""
+    weight, bias = _cast_for_autocast(x, weight, bias)
+    x = x.to(weight.dtype)
     return get_strategy(strategy, x.device).linear(x, weight, bias, plan)
 
 
@@ -355,6 +379,10 @@ def expert_mlp(
     strategy: str | None = None,
 ) -> Tensor:
     """Run the routed expert MLPs on ``x [n, C]`` and combine: ``[n, C_out]``, with
-    ``y_i = sum_{(i, e, w) in plan} w * (act(x_i W1_e + b1_e) W2_e + b2_e)``."""
-    x, w1, b1, w2, b2 = _cast_for_autocast(x, w1, b1, w2, b2)
+    ``y_i = sum_{(i, e, w) in plan} w * (act(x_i W1_e + b1_e) W2_e + b2_e)``.
+
+    Under autocast the experts run in its dtype and ``y`` comes out in it; the sum over a
+    row's pairs is accumulated in float32 and the combine weights stay float32.
+    """
+    w1, b1, w2, b2 = _cast_for_autocast(x, w1, b1, w2, b2)
     return get_strategy(strategy, x.device).mlp(x, w1, b1, w2, b2, act, plan)

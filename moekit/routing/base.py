@@ -24,7 +24,7 @@ SCORES: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class Router(nn.Module):
-    """Gate ``logits = x W_g[task]``, scores ``probs = score(logits)`` in float32, selection.
+    """Gate ``logits = x W_g[task]``, scores ``probs = score(logits)``, selection, all in float32.
 
     Args:
         dim: token feature size.
@@ -77,10 +77,16 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Routing:
-        """Route tokens ``x [n, dim]`` with task ids ``[n]`` (or ``None``: task 0)."""
-        logits = self.gate_logits(x, task_ids)
-        probs = SCORES[self.score](logits.float())
-        index, weight = self.select(probs)
+        """Route tokens ``x [n, dim]`` with task ids ``[n]`` (or ``None``: task 0).
+
+        Everything is computed in float32 with autocast disabled, whatever the dtype of ``x``:
+        logits, scores, the selection and the combine weights, so a bf16 or fp16 run selects
+        the experts a float32 run would (up to the rounding of ``x`` itself).
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.gate_logits(x, task_ids).float()
+            probs = SCORES[self.score](logits)
+            index, weight = self.select(probs)
         return Routing(probs=probs, logits=logits, index=index, weight=weight)
 
     def keep_task(self, task: int) -> None:

@@ -15,11 +15,17 @@ moekit checkout. Its models are *untrained* (random initialisation): their sigmo
 sit near 0.5, so top-p with p = 0.8 keeps 2 of 3 experts almost everywhere — the printed
 experts-selected mean describes that untrained state, not trained routing; ``--run RUN_DIR``
 benchmarks a trained run's model instead (its checkpoint's gates).
+
+``--dtype float32 bfloat16`` also times every step under bf16 autocast and ``--memory-format
+contiguous channels_last`` with the model and images in channels-last (NHWC) layout; all
+variants alternate in the same repetitions, and each row's last column is its sparse time
+against the sparse float32 contiguous model's.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -29,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from moekit import config
-from moekit.bench.timing import add_timing_arguments, summarize, time_alternating
+from moekit.bench.timing import (
+    DTYPES,
+    add_dtype_argument,
+    add_timing_arguments,
+    autocast,
+    processor_name,
+    summarize,
+    time_alternating,
+)
 from moekit.moe import MoEModules, moe_layers, set_routing
 from moekit.moe.modules import pool
 from moekit.registry import MODELS, import_builtins
@@ -74,6 +88,8 @@ def seed_style(model: nn.Module) -> Iterator[None]:
 
 DEFAULT_CONFIG = "configs/idrid/demo.yaml"
 
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 def run(
     config_path: str = DEFAULT_CONFIG,
@@ -86,13 +102,22 @@ def run(
     device: str = "cpu",
     run_dir: str | None = None,
     checkpoint: str = "best",
+    dtypes: Sequence[str] = ("float32",),
+    memory_formats: Sequence[str] = ("contiguous",),
 ) -> dict[str, Any]:
-    """Time training and inference steps, sparse and seed-style; return the numbers.
+    """Time training and inference steps, sparse and seed-style, in every dtype and memory
+    format; return the numbers.
 
     The model is ``config_path``'s, untrained, or with ``run_dir`` the run's trained model
     (``checkpoint``), whose config then replaces ``config_path``.
     """
-
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise ValueError(f"dtypes must be a non-empty subset of {DTYPES}, got {list(dtypes)}")
+    if not memory_formats or any(f not in MEMORY_FORMATS for f in memory_formats):
+        raise ValueError(
+            f"memory_formats must be a non-empty subset of {list(MEMORY_FORMATS)}, "
+            f"got {list(memory_formats)}"
+        )
     import_builtins()
     if threads:
         torch.set_num_threads(threads)
@@ -114,38 +139,71 @@ def run(
     images = torch.randn(batch, 3, *size, device=dev)
     grading = torch.arange(batch, device=dev) < batch // 2
     mask = {name: ~grading if task.is_dense else grading for name, task in tasks.items()}
+    models = {
+        fmt: copy.deepcopy(model).to(memory_format=MEMORY_FORMATS[fmt]) for fmt in memory_formats
+    }
+    inputs = {fmt: images.contiguous(memory_format=MEMORY_FORMATS[fmt]) for fmt in memory_formats}
 
-    def train_step() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model(images, mask)
-        sum(pred.float().square().mean() for pred in out.preds.values()).backward()
+    def train_step(fmt: str, dtype: str) -> Callable[[], None]:
+        def step() -> None:
+            models[fmt].zero_grad(set_to_none=True)
+            with autocast(dev, dtype):
+                out = models[fmt](inputs[fmt], mask)
+            sum(pred.float().square().mean() for pred in out.preds.values()).backward()
 
-    def infer_step() -> None:
-        with torch.no_grad():
-            model(images)
+        return step
 
-    def both_ways(step: Callable[[], None]) -> Callable[[], None]:
+    def infer_step(fmt: str, dtype: str) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad(), autocast(dev, dtype):
+                models[fmt](inputs[fmt])
+
+        return step
+
+    def seed_way(fmt: str, step: Callable[[], None]) -> Callable[[], None]:
         def seed_step() -> None:
-            with seed_style(model):
+            with seed_style(models[fmt]):
                 step()
 
         return seed_step
 
-    def timed(step: Callable[[], None]) -> dict[str, float]:
-        times = time_alternating({"sparse": step, "masked": both_ways(step)}, reps, warmup, dev)
-        summary = summarize(times, "masked")
-        return {
-            "sparse_ms": summary["sparse"][0],
-            "masked_ms": summary["masked"][0],
-            "ratio": summary["sparse"][1],
-        }
+    variants = [(dtype, fmt) for dtype in dtypes for fmt in memory_formats]
 
-    model.train()
-    train = timed(train_step)
-    model.eval()
-    infer = timed(infer_step)
+    def timed(name: str, make: Callable[[str, str], Callable[[], None]]) -> list[dict[str, Any]]:
+        fns = {}
+        for dtype, fmt in variants:
+            fns[f"{dtype}/{fmt}/sparse"] = make(fmt, dtype)
+            fns[f"{dtype}/{fmt}/masked"] = seed_way(fmt, make(fmt, dtype))
+        times = time_alternating(fns, reps, warmup, dev)
+        base = f"{variants[0][0]}/{variants[0][1]}/sparse"
+        rows = []
+        for dtype, fmt in variants:
+            key = f"{dtype}/{fmt}"
+            pair = summarize(
+                {"sparse": times[f"{key}/sparse"], "masked": times[f"{key}/masked"]}, "masked"
+            )
+            to_base = summarize({"sparse": times[f"{key}/sparse"], "base": times[base]}, "base")
+            rows.append(
+                dict(
+                    step=name,
+                    dtype=dtype,
+                    memory_format=fmt,
+                    sparse_ms=pair["sparse"][0],
+                    masked_ms=pair["masked"][0],
+                    ratio=pair["sparse"][1],
+                    to_base=to_base["sparse"][1],
+                )
+            )
+        return rows
+
+    for m in models.values():
+        m.train()
+    rows = timed("train", train_step)
+    for m in models.values():
+        m.eval()
+    rows += timed("infer", infer_step)
     with torch.no_grad():
-        records = model(images).routing
+        records = model.eval()(images).routing
     selected = {r.layer: float(r.routing.num_selected().float().mean()) for r in records}
     experts = len(model.heads[next(iter(tasks))].experts)
     return {
@@ -159,10 +217,11 @@ def run(
             "p": p,
             "threads": torch.get_num_threads(),
             "device": str(dev),
+            "processor": processor_name(dev),
             "reps": reps,
+            "base": f"{variants[0][0]}, {variants[0][1]}",
         },
-        "train": train,
-        "infer": infer,
+        "rows": rows,
         "selected": selected,
         "experts": experts,
     }
@@ -174,17 +233,20 @@ def markdown(result: dict[str, Any]) -> str:
     mean_selected = sum(result["selected"].values()) / len(result["selected"])
     lines = [
         f"IDRiD MoE heads, model {s['model']} ({s['backbone']} backbone): batch {s['batch']} at "
-        f"{s['size'][0]}x{s['size'][1]}, top-p p={s['p']} (sigmoid scores), {s['device']}, "
-        f"{s['threads']} threads, "
-        f"{s['reps']} alternating repetitions; median times, the ratio is the median of "
+        f"{s['size'][0]}x{s['size'][1]}, top-p p={s['p']} (sigmoid scores), {s['device']} "
+        f"({s['processor']}), {s['threads']} threads, "
+        f"{s['reps']} alternating repetitions; median times, ratios are medians of "
         "per-repetition ratios.",
         "",
-        "| step | sparse ms | masked (seed) ms | sparse / masked |",
-        "|---|---:|---:|---:|",
+        f"| step | dtype | memory format | sparse ms | masked (seed) ms | sparse / masked | "
+        f"sparse / sparse ({s['base']}) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for step in ("train", "infer"):
-        t = result[step]
-        lines.append(f"| {step} | {t['sparse_ms']:.1f} | {t['masked_ms']:.1f} | {t['ratio']:.3f} |")
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['step']} | {r['dtype']} | {r['memory_format']} | {r['sparse_ms']:.1f} | "
+            f"{r['masked_ms']:.1f} | {r['ratio']:.3f} | {r['to_base']:.3f} |"
+        )
     state = "trained gates" if s["trained"] else "UNTRAINED gates: an artefact of the random init"
     lines += [
         "",
@@ -218,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 192], metavar=("H", "W"))
     parser.add_argument("--p", type=float, default=0.8)
     add_timing_arguments(parser, reps=10, warmup=2)
+    add_dtype_argument(parser)
+    parser.add_argument(
+        "--memory-format",
+        nargs="+",
+        choices=list(MEMORY_FORMATS),
+        default=["contiguous"],
+        help="contiguous (NCHW) and/or channels_last (NHWC) model and images",
+    )
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -235,6 +305,8 @@ def main(argv: Sequence[str]) -> int:
         args.device,
         args.run,
         args.checkpoint,
+        args.dtype,
+        args.memory_format,
     )
     print(markdown(result))
     return 0
