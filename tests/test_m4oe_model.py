@@ -25,6 +25,7 @@ from moekit.errors import ConfigError
 from moekit.losses.aux_mutual_information import ConditionalMutualInformationLoss
 from moekit.moe import MoEMLP, SoftMoE
 from moekit.registry import BACKBONES, MODELS, import_builtins
+from moekit.routing.types import Routing, RoutingRecord
 from moekit.types import tasks_from_config
 
 import_builtins()
@@ -361,3 +362,54 @@ def test_moekit_flops_counts_m4oe_on_a_gamma_replica(tmp_path, capsys):
     assert report["matmul_flops"] == report["reference_matmul_flops"] > 0
     for part in ("encoders", "msoe", "mtoe", "mtoe.0.mlp", "fusion", "heads.disc"):
         assert report["per_module"][part]["flops"] > 0, part
+
+
+def _mi_records(seed=4):
+    """Routing records of 40 tokens: probabilities, modality and task ids, a present mask."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(40, 5, generator=g) * 2
+    modality_ids = torch.tensor([0, 0, 1, 1, 1] * 8)
+    task_ids = torch.tensor([0, 1] * 20)
+    valid = torch.rand(40, generator=g) > 0.3
+    return logits, modality_ids, task_ids, valid
+
+
+def _two_rank_cmi_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    logits, modality_ids, task_ids, valid = _mi_records()
+    rows = slice(0, 25) if rank == 0 else slice(25, 40)
+    local = logits[rows].clone().requires_grad_()
+    probs = local.softmax(-1)
+    routing = Routing(probs, local, torch.arange(5).expand(probs.shape[0], 5), probs)
+    record = RoutingRecord("mtoe.0.mlp", routing, task_ids[rows], modality_ids[rows], valid[rows])
+    value = ConditionalMutualInformationLoss(num_modalities=2, num_tasks=2)([record])
+    value.backward()
+    results[rank] = (value.item(), local.grad.clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_conditional_mi_is_all_reduced_over_processes(tmp_path):
+    """Two processes holding halves of the tokens compute the I(M;E|T) of the whole batch
+    (present tokens only), and each rank gets world_size x its share of the gradient."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_cmi_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    logits, modality_ids, task_ids, valid = _mi_records()
+    full = logits.clone().requires_grad_()
+    probs = full.softmax(-1)
+    expected = -mi_by_hand(probs.detach()[valid], modality_ids[valid], task_ids[valid])
+    assert results[0][0] == pytest.approx(expected, abs=1e-6)
+    assert results[1][0] == pytest.approx(expected, abs=1e-6)
+    loss = ConditionalMutualInformationLoss(num_modalities=2, num_tasks=2, reduce=None)
+    index = torch.arange(5).expand(40, 5)
+    record = RoutingRecord("mtoe.0.mlp", Routing(probs, full, index, probs), task_ids)
+    record.modality_ids, record.valid = modality_ids, valid
+    loss([record]).backward()
+    torch.testing.assert_close(results[0][1], 2 * full.grad[:25], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[1][1], 2 * full.grad[25:], rtol=1e-4, atol=1e-6)
