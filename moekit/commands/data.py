@@ -19,6 +19,11 @@ the grading xlsx) in the real download's layout.
 ``moekit data make-multiview DIR`` (or ``--out DIR``) ``[--n-cases 120] [--size 96x128]
 [--missing-view 0.1] [--seed S]`` writes a four-view mammography replica: ``cases.csv`` for
 ``DATASETS: multiview_csv`` with its PNG views and CC mass masks.
+
+``moekit data make-odir DIR`` (or ``--out DIR``) ``[--layout study|odir5k] [--n-train 800]
+[--n-val 200] [--n-offsite 200] [--n-onsite 250] [--n-patients 40] [--size 256] [--csv]
+[--seed S]`` writes a synthetic ODIR replica: the ODIR study's layout (``DATASETS: odir``, the
+study's label distribution) or the public ODIR-5K table and images (``DATASETS: odir5k``).
 """
 
 from __future__ import annotations
@@ -260,6 +265,58 @@ def _run_make_multiview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_odir(parser: argparse.ArgumentParser) -> None:
+    _add_out(parser, "folder to write (the study's CSVs and images/, or the ODIR-5K table)")
+    parser.add_argument(
+        "--layout",
+        choices=("study", "odir5k"),
+        default="study",
+        help="the ODIR study's layout (default) or the public ODIR-5K one",
+    )
+    for split, default in (("train", 800), ("val", 200), ("offsite", 200), ("onsite", 250)):
+        parser.add_argument(
+            f"--n-{split}",
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"study layout: {split} images (default {default}, the study's)",
+        )
+    parser.add_argument(
+        "--n-patients", type=int, default=40, metavar="N", help="odir5k layout: patients (40)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=256, metavar="H", help="photograph height in px (256)"
+    )
+    parser.add_argument("--csv", action="store_true", help="odir5k: write the table as CSV")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_make_odir(args: argparse.Namespace) -> int:
+    from moekit.data.replicas.odir import ODIR5K_TABLE, make_odir5k_replica, make_odir_replica
+
+    out = _out_dir(args)
+    numbers = (args.n_train, args.n_val, args.n_offsite, args.n_onsite, args.n_patients)
+    if min(numbers) < 0 or args.n_train < 1 or args.n_patients < 1 or args.size < 32:
+        raise ConfigError(
+            "make-odir: --n-* must be >= 0 (--n-train and --n-patients >= 1), --size >= 32"
+        )
+    if args.layout == "odir5k":
+        table = ODIR5K_TABLE.removesuffix(".xlsx") + ".csv" if args.csv else ODIR5K_TABLE
+        root = make_odir5k_replica(out, args.n_patients, args.size, args.seed, table)
+        print(f"wrote an ODIR-5K replica to {root}: {args.n_patients} patients, {table}")
+        return 0
+    counts = {
+        "train": args.n_train,
+        "val": args.n_val,
+        "offsite_test": args.n_offsite,
+        "onsite_test": args.n_onsite,
+    }
+    root = make_odir_replica(out, counts, args.size, args.seed)
+    listed = " / ".join(f"{n} {split}" for split, n in counts.items())
+    print(f"wrote an ODIR replica (the ODIR study's layout) to {root}: {listed}")
+    return 0
+
+
 ACTIONS: dict[str, Action] = {
     "make-idrid": (
         "write a synthetic IDRiD replica in the real download's folder layout",
@@ -280,6 +337,11 @@ ACTIONS: dict[str, Action] = {
         "write a synthetic four-view mammography table (multiview_csv layout) with its images",
         _add_make_multiview,
         _run_make_multiview,
+    ),
+    "make-odir": (
+        "write a synthetic ODIR replica (the ODIR study's layout, or ODIR-5K's) with its images",
+        _add_make_odir,
+        _run_make_odir,
     ),
 }
 
