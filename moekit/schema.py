@@ -146,6 +146,23 @@ def list_of(check: Check, scalar: bool = False) -> Check:
     return check_list
 
 
+OBJECT_KEY = "python_object"
+"""The key of what a config records for a component given as a built Python object (through
+``Trainer(model=...)``): ``{python_object: "pkg.module.Class", saved: ...}``. Such an entry
+cannot be rebuilt from the config; the object must be passed again."""
+
+
+def object_entry(obj: Any, saved: str) -> dict[str, str]:
+    """The config entry of a built object: its class and how it was saved."""
+    cls = type(obj)
+    return {OBJECT_KEY: f"{cls.__module__}.{cls.__qualname__}", "saved": saved}
+
+
+def is_object_entry(value: Any) -> bool:
+    """Whether a config value records a built Python object (:func:`object_entry`)."""
+    return isinstance(value, Mapping) and OBJECT_KEY in value
+
+
 def component(value: Any, key: str) -> dict[str, Any] | None:
     """A component: a registered name or a mapping with ``type`` (``null``: none), returned
     as a mapping. Its arguments are checked against the registry's entry by
@@ -154,6 +171,8 @@ def component(value: Any, key: str) -> dict[str, Any] | None:
         return None
     if isinstance(value, str):
         return {"type": value}
+    if is_object_entry(value):
+        return dict(value)
     if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
         fail(key, "a name or a mapping with 'type'", value)
     return dict(value)

@@ -142,6 +142,20 @@ class Task:
         options = {k: spec[k] for k in TASK_OPTIONS if spec[k] is not None}
         return cls(name, kind, spec["num_classes"], tuple(loss), tuple(metrics), options)
 
+    def config(self) -> dict[str, Any]:
+        """The task as the ``tasks.<name>`` mapping it parses from (``from_config`` reads it
+        back to an equal task)."""
+        return {
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "loss": [{"type": t.type, "weight": t.weight, **t.kwargs} for t in self.loss],
+            "metrics": [
+                {"type": m.type, "name": m.name, "higher_is_better": m.higher_is_better, **m.kwargs}
+                for m in self.metrics
+            ],
+            **self.options,
+        }
+
     @property
     def is_dense(self) -> bool:
         """Whether predictions are per pixel (segmentation and dense regression maps)."""
@@ -150,10 +164,17 @@ class Task:
 
 def tasks_from_config(cfg: Mapping[str, Any]) -> dict[str, Task]:
     """Parse the ``tasks:`` mapping of an experiment config, in its order."""
-    tasks = cfg.get("tasks")
+    return parse_tasks(cfg.get("tasks"))
+
+
+def parse_tasks(tasks: Any) -> dict[str, Task]:
+    """``{name: Task}`` from a ``tasks:`` mapping whose values are specs or built tasks."""
     if not isinstance(tasks, Mapping) or not tasks:
         raise ConfigError("config key 'tasks': expected a non-empty mapping of task name -> spec")
-    return {name: Task.from_config(name, spec) for name, spec in tasks.items()}
+    return {
+        name: spec if isinstance(spec, Task) else Task.from_config(name, spec)
+        for name, spec in tasks.items()
+    }
 
 
 def _to_device(value: Any, device: torch.device | str) -> Any:

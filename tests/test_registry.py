@@ -118,4 +118,5 @@ def test_builtin_registries_exist_and_import():
         "OPTIMIZERS",
         "LR_SCHEDULERS",
         "SAMPLERS",
+        "PREPROCESS",
     }

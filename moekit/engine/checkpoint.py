@@ -221,21 +221,27 @@ def checkpoint_dir(path: str | Path, checkpoint: str = "best") -> Path:
 
 
 def load_model(
-    path: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"
+    path: str | Path,
+    checkpoint: str = "best",
+    device: str | torch.device = "cpu",
+    model: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Build a trained model from a run directory (or a checkpoint directory) for analysis.
 
     Returns ``(model, cfg, tasks)`` with the model in eval mode, its weights loaded and its
     MoE routing switched to the phase of ``routing_schedule`` the checkpoint was saved in.
+    ``model`` is needed (and its weights are replaced) when the run was trained on a model
+    object that its config cannot rebuild.
     """
-    from moekit.registry import MODELS, import_builtins
+    from moekit.engine.experiment import build_model, built_object
+    from moekit.registry import import_user_modules
     from moekit.types import tasks_from_config
 
-    import_builtins()
     ckpt = checkpoint_dir(path, checkpoint)
     cfg = read_config(ckpt)
+    import_user_modules(cfg)
     tasks = tasks_from_config(cfg)
-    model = MODELS.build(cfg["model"], tasks=tasks)
+    model = built_object(cfg.get("model"), model, "model") or build_model(cfg, tasks)
     load_weights(model, ckpt / MODEL_FILE)
     restore_routing(model, cfg, ckpt)
     return model.to(device).eval(), cfg, tasks

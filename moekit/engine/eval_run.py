@@ -12,7 +12,7 @@ from typing import Any
 from moekit import config as config_io
 from moekit.engine import checkpoint
 from moekit.engine.data import build_loader
-from moekit.engine.evaluation import evaluate
+from moekit.engine.evaluation import evaluate_loop
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
@@ -49,14 +49,15 @@ def evaluate_run(
     delta = (
         exp.mtl_delta if mtl_delta is None else METRICS.build({"type": "mtl_delta", **mtl_delta})
     )
-    values = evaluate(
-        accelerator,
+    values = evaluate_loop(
         bare.model,
         bare,
         loader,
         exp.tasks,
         delta,
         threshold=settings(cfg, "eval")["threshold"],
+        autocast=accelerator.autocast,
+        gather=accelerator.gather_for_metrics,
     )
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:

@@ -16,7 +16,8 @@ are exact under any batching and process count: evaluation gathers per-sample ro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -53,7 +54,12 @@ def metric_directions(tasks: Mapping[str, Task]) -> dict[str, bool]:
 
 
 class MetricTracker:
-    """Accumulates losses and metrics of one split as additive per-sample statistics."""
+    """Accumulates losses and metrics of one split as additive per-sample statistics.
+
+    The columns of metrics that are not additive (ranking metrics: ROC-AUC, average precision)
+    are also kept row by row, since they need every sample's scores; across processes those
+    rows are gathered, not summed.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,15 @@ class MetricTracker:
         self.mtl_delta = mtl_delta
         self.widths = [2 + sum(m.num_stats for m in ms.values()) for ms in self.metrics.values()]
         self.total = torch.zeros(sum(self.widths), dtype=torch.float64)
+        kept, offset = [], 0
+        for metrics in self.metrics.values():
+            offset += 2
+            for metric in metrics.values():
+                if not metric.additive:
+                    kept.extend(range(offset, offset + metric.num_stats))
+                offset += metric.num_stats
+        self.kept_columns = torch.tensor(kept, dtype=torch.long)
+        self.kept: list[Tensor] = []
 
     def rows(
         self, preds: Mapping[str, Tensor], batch: Batch, sample_losses: Mapping[str, Tensor]
@@ -82,17 +97,28 @@ class MetricTracker:
         return torch.cat(parts, dim=1)
 
     def accumulate(self, rows: Tensor) -> None:
-        self.total += rows.detach().to("cpu", torch.float64).sum(dim=0)
+        rows = rows.detach().to("cpu", torch.float64)
+        self.total += rows.sum(dim=0)
+        if self.kept_columns.numel():
+            self.kept.append(rows[:, self.kept_columns])
 
     def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> None:
-        """Sum :attr:`total` over processes (for statistics accumulated locally)."""
+        """Sum :attr:`total` over processes (for statistics accumulated locally), and gather
+        the kept rows of non-additive metrics from every process (``torch.distributed``)."""
         self.total = reduce_sum(self.total.to(device)).to("cpu", torch.float64)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.kept_columns.numel() and distributed and torch.distributed.get_world_size() > 1:
+            mine = torch.cat(self.kept) if self.kept else torch.zeros(0, len(self.kept_columns))
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, mine.to(torch.float64))
+            self.kept = [torch.cat(gathered)]
 
     def compute(self) -> dict[str, float]:
         """Column values (without the split prefix)."""
         values: dict[str, float] = {}
-        offset = 0
+        offset = kept_offset = 0
         task_losses = []
+        kept = torch.cat(self.kept) if self.kept else torch.zeros(0, len(self.kept_columns))
         for name, metrics in self.metrics.items():
             loss_sum, count = self.total[offset : offset + 2].tolist()
             offset += 2
@@ -100,7 +126,11 @@ class MetricTracker:
             if count:
                 task_losses.append(values[f"{name}/loss"])
             for metric_name, metric in metrics.items():
-                metric.total = self.total[offset : offset + metric.num_stats].clone()
+                if metric.additive:
+                    metric.total = self.total[offset : offset + metric.num_stats].clone()
+                else:
+                    metric.total = kept[:, kept_offset : kept_offset + metric.num_stats].clone()
+                    kept_offset += metric.num_stats
                 offset += metric.num_stats
                 for suffix, value in metric.compute().items():
                     key = f"{name}/{metric_name}" + (f"/{suffix}" if suffix else "")
@@ -113,30 +143,36 @@ class MetricTracker:
 
 
 @torch.no_grad()
-def evaluate(
-    accelerator: Any,
+def evaluate_loop(
     model: torch.nn.Module,
     objective: Any,
-    loader: Any,
+    batches: Iterable[Batch],
     tasks: Mapping[str, Task],
     mtl_delta: Any | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
     threshold: float | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    gather: Callable[[Any], Any] = lambda rows: rows,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Losses and metrics of ``model`` on ``loader`` (all processes get the same values).
+    """Losses and metrics of ``model`` over ``batches``.
 
     ``objective`` provides the per-sample task losses (:class:`MultiTaskObjective`, unwrapped);
-    ``threshold`` is ``eval.threshold`` (see :func:`build_metrics`).
+    ``threshold`` is ``eval.threshold`` (see :func:`build_metrics`). Under accelerate the
+    trainer passes its ``autocast`` and ``gather_for_metrics`` (so every process gets the same
+    values); ``device``, when given, is where each batch is moved.
     """
     tracker = MetricTracker(tasks, mtl_delta, threshold)
     was_training = model.training
     model.eval()
     try:
-        for batch in progress(loader):
-            with accelerator.autocast():
+        for batch in progress(batches):
+            if device is not None:
+                batch = batch.to(device)
+            with autocast():
                 preds = run_model(model, batch, batch.has_target).preds
             rows = tracker.rows(preds, batch, objective.sample_losses(preds, batch))
-            tracker.accumulate(accelerator.gather_for_metrics(rows))
+            tracker.accumulate(gather(rows))
     finally:
         model.train(was_training)
     return tracker.compute()

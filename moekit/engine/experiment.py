@@ -16,9 +16,10 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from moekit.engine import finetune
+from moekit.engine.launch import uses_cpu
 from moekit.engine.objective import AuxTerm, MultiTaskObjective
 from moekit.engine.optim import build_optimizer, build_scheduler, named_parameters
 from moekit.engine.schedule import Phase, parse_phases
@@ -32,9 +33,10 @@ from moekit.registry import (
     TASK_LOSSES,
     WEIGHTINGS,
     accepted_kwargs,
-    import_builtins,
+    import_user_modules,
 )
-from moekit.sections import settings
+from moekit.schema import OBJECT_KEY, is_object_entry
+from moekit.sections import settings, value
 from moekit.types import Task, tasks_from_config
 
 SPLITS = ("train", "val", "test")
@@ -46,7 +48,7 @@ class Experiment:
 
     cfg: dict[str, Any]
     tasks: dict[str, Task]
-    datasets: dict[str, Dataset]
+    datasets: dict[str, Dataset | DataLoader]
     model: nn.Module
     objective: MultiTaskObjective
     optimizer: Optimizer | None
@@ -92,23 +94,49 @@ def build_task_losses(tasks: Mapping[str, Task]) -> dict[str, list[tuple[float, 
     return losses
 
 
-def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
-    """The ``data.<split>`` dataset. One that takes a ``seed`` (augmentation, validation split,
-    generated samples) and is given none gets the config's top-level ``seed``."""
+def built_object(cfg_value: Any, given: Any, key: str) -> Any:
+    """The object passed for a config entry that records one (``Trainer(model=...)``), or None
+    when the entry is a config to build from."""
+    if given is not None:
+        return given
+    if is_object_entry(cfg_value):
+        raise ConfigError(
+            f"config key '{key}': the run was given a Python object "
+            f"({cfg_value[OBJECT_KEY]}) that the config cannot rebuild; pass it again "
+            f"(e.g. load_run(run, {key.split('.')[-1]}=...) or Trainer({key.split('.')[-1]}=...))"
+        )
+    return None
+
+
+def build_dataset(cfg: Mapping[str, Any], split: str, given: Any = None) -> Any:
+    """The ``data.<split>`` dataset (or the dataset or loader object ``given`` for it). One
+    that takes a ``seed`` (augmentation, validation split, generated samples) and is given none
+    gets the config's top-level ``seed``."""
     spec = settings(cfg, "data")[split]
+    built = built_object(spec, given, f"data.{split}")
+    if built is not None:
+        return built
     if spec is None:
         raise ConfigError(f"config key 'data.{split}': the config defines no {split} dataset")
-    if isinstance(spec, Mapping) and "type" in spec:
-        accepted, _ = accepted_kwargs(DATASETS.get(spec["type"]))
-        if "seed" in accepted and "seed" not in spec:
-            return DATASETS.build(spec, seed=int(cfg.get("seed", 0)))
+    accepted, _ = accepted_kwargs(DATASETS.get(spec["type"]))
+    if "seed" in accepted and "seed" not in spec:
+        return DATASETS.build(spec, seed=int(cfg.get("seed", 0)))
     return DATASETS.build(spec)
 
 
-def steps_per_epoch(
-    num_samples: int, data: Mapping[str, Any], num_processes: int, accum: int
-) -> int:
-    """Optimizer steps per epoch for ``num_samples`` over ``num_processes``."""
+def build_model(cfg: Mapping[str, Any], tasks: Mapping[str, Task] | None = None) -> nn.Module:
+    """The config's model (``MODELS``) for its tasks (or ``tasks``), untrained."""
+    tasks = tasks_from_config(cfg) if tasks is None else tasks
+    if cfg.get("model") is None:
+        raise ConfigError("config key 'model': the config defines no model")
+    return MODELS.build(value(cfg, "model"), tasks=tasks)
+
+
+def steps_per_epoch(train: Any, data: Mapping[str, Any], num_processes: int, accum: int) -> int:
+    """Optimizer steps per epoch of the training dataset (or loader) over ``num_processes``."""
+    if isinstance(train, DataLoader):  # a given loader: its batches, sharded over processes
+        return math.ceil(math.ceil(len(train) / num_processes) / accum)
+    num_samples = len(train)
     global_batch = int(data["batch_size"]) * num_processes
     batches = (
         num_samples // global_batch if data["drop_last"] else math.ceil(num_samples / global_batch)
@@ -122,7 +150,10 @@ def steps_per_epoch(
 
 
 def build_experiment(
-    cfg: Mapping[str, Any], num_processes: int = 1, splits: Iterable[str] | None = None
+    cfg: Mapping[str, Any],
+    num_processes: int = 1,
+    splits: Iterable[str] | None = None,
+    objects: Mapping[str, Any] | None = None,
 ) -> Experiment:
     """Seed everything, then build tasks, datasets, model, objective, optimizer and schedules.
 
@@ -131,10 +162,13 @@ def build_experiment(
         num_processes: data-parallel processes (sets the optimizer steps per epoch).
         splits: the datasets to build (default: every split the config defines). Without
             ``train`` no optimizer or scheduler is built.
+        objects: built objects standing for config entries (``model``, ``train``, ``val``,
+            ``test``: a module, a dataset or a loader), as ``Trainer(model=...)`` passes them.
     """
-    import_builtins()
+    import_user_modules(cfg)
+    objects = dict(objects or {})
     cfg = dict(cfg)
-    seed_everything(int(cfg.get("seed", 0)), cfg.get("deterministic", False))
+    seed_everything(int(cfg.get("seed", 0)), value(cfg, "deterministic"), uses_cpu(cfg))
     train = settings(cfg, "train")
     data = settings(cfg, "data")
     evaluation = settings(cfg, "eval")
@@ -142,21 +176,18 @@ def build_experiment(
     tasks = tasks_from_config(cfg)
     if debug["nan_task"] is not None and debug["nan_task"] not in tasks:
         raise ConfigError(f"config key 'debug.nan_task': no task named '{debug['nan_task']}'")
-    if "model" not in cfg:
-        raise ConfigError("config key 'model': the config defines no model")
-    model = MODELS.build(cfg["model"], tasks=tasks)
+    model = built_object(cfg.get("model"), objects.get("model"), "model")
+    model = build_model(cfg, tasks) if model is None else model
     weighting = WEIGHTINGS.build(cfg.get("weighting") or {"type": "equal"}, tasks=tasks)
     objective = MultiTaskObjective(
         model, tasks, build_task_losses(tasks), weighting, build_aux_terms(cfg.get("aux_losses"))
     )
     wanted = [s for s in SPLITS if data[s] is not None] if splits is None else list(splits)
-    datasets = {split: build_dataset(cfg, split) for split in wanted}
+    datasets = {split: build_dataset(cfg, split, objects.get(split)) for split in wanted}
     optimizer = scheduler = None
     per_epoch = 0
     if "train" in datasets:
-        per_epoch = steps_per_epoch(
-            len(datasets["train"]), data, num_processes, train["grad_accum"]
-        )
+        per_epoch = steps_per_epoch(datasets["train"], data, num_processes, train["grad_accum"])
         optimizer = build_optimizer(named_parameters(model, weighting), cfg)
         scheduler = build_scheduler(optimizer, cfg, per_epoch, train["epochs"])
     finetune.freeze(model, list(tasks), cfg, optimizer)

@@ -23,6 +23,13 @@ def use_cpu(train: Mapping[str, Any]) -> bool:
     return train["device"] == "cpu" or not torch.accelerator.is_available()
 
 
+def uses_cpu(cfg: Mapping[str, Any]) -> bool:
+    """Whether the config's run trains on the CPU (:func:`use_cpu` of its ``train``)."""
+    from moekit.sections import settings
+
+    return use_cpu(settings(cfg, "train"))
+
+
 def agree_on_path(path: Path | None, make: Any, cpu: bool) -> Path:
     """The run directory all processes use: ``path``, or ``make()`` on the main process."""
     state = PartialState(cpu=cpu)

@@ -9,6 +9,7 @@ before anything is saved, so the last checkpoint stays the last good one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shutil
@@ -19,47 +20,70 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moekit.engine import checkpoint, finetune
 from moekit.engine.config_check import check_config
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
-from moekit.engine.evaluation import MetricTracker, evaluate, metric_directions
+from moekit.engine.evaluation import MetricTracker, evaluate_loop, metric_directions
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
 from moekit.engine.optim import named_parameters, set_frozen
 from moekit.engine.rundir import RunDir, close_log, new_run_path
 from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
 from moekit.errors import ConfigError, TrainingError
+from moekit.schema import object_entry
 from moekit.sections import settings
+from moekit.types import Task
 
 
 class Trainer:
-    """Train the experiment of a config into a run directory.
+    """Train an experiment into a run directory, from a config or from built objects.
 
     Args:
-        cfg: the resolved config (``moekit.config.load``).
+        cfg: the resolved config (``moekit.config.load``), or None.
         run_dir: where to write the run (default ``<output_dir>/<name>-<timestamp>``).
         resume: a run directory to continue from its ``checkpoints/last``; the run continues
             in that directory.
+        model: an ``nn.Module`` or the ``model`` config mapping.
+        tasks: ``{name: Task}`` or the ``tasks`` config mapping.
+        train_data, val_data, test_data: a ``Dataset``, a ``DataLoader`` or a dataset config.
+        **sections: any other top-level config key (``train={"epochs": 2}``, ``optimizer``,
+            ``seed``...), replacing the config's.
 
-    A fresh run with a ``finetune`` section starts from ``finetune.init``'s weights
-    (:mod:`moekit.engine.finetune`).
+    Built objects are recorded in ``config.yaml`` by their class
+    (``{python_object: pkg.Class, saved: ...}``): a model so given is saved by weights only,
+    so loading the run needs the object again (``load_run(run, model=...)``); a dataset or a
+    loader is not saved. A fresh run with a ``finetune`` section starts from
+    ``finetune.init``'s weights (:mod:`moekit.engine.finetune`).
 
     Example::
 
         trainer = Trainer(config.load("configs/tiny/two_task.yaml"))
+        trainer = Trainer(model=net, tasks=tasks, train_data=ds, train={"epochs": 2})
         summary = trainer.fit()
     """
 
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        cfg: Mapping[str, Any] | None = None,
         run_dir: str | Path | None = None,
         resume: str | Path | None = None,
+        *,
+        model: nn.Module | Mapping[str, Any] | None = None,
+        tasks: Mapping[str, Any] | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        test_data: Any = None,
+        **sections: Any,
     ) -> None:
-        self.cfg = finetune.resolve(cfg) if resume is None else dict(cfg)
+        cfg, self.objects = compose(
+            cfg, model, tasks, {"train": train_data, "val": val_data, "test": test_data}, sections
+        )
+        self.cfg = finetune.resolve(cfg) if resume is None else cfg
         check_config(self.cfg)  # every config mistake, before any file is written
         self.settings = settings(self.cfg, "train")
         if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
@@ -90,7 +114,7 @@ class Trainer:
 
     def _setup(self, evaluation: Mapping[str, Any], resume: str | Path | None) -> None:
         acc = self.accelerator
-        self.exp = exp = build_experiment(self.cfg, acc.num_processes)
+        self.exp = exp = build_experiment(self.cfg, acc.num_processes, objects=self.objects)
         if "train" not in exp.datasets:
             raise ConfigError("config key 'data.train': training needs a train dataset")
         if resume is None:
@@ -105,7 +129,9 @@ class Trainer:
         ]
         checkpoint.install_hooks(acc)
         loaders = {
-            split: build_loader(ds, exp.data, train=split == "train", seed=self.seed)
+            split: ds
+            if isinstance(ds, DataLoader)
+            else build_loader(ds, exp.data, train=split == "train", seed=self.seed)
             for split, ds in exp.datasets.items()
             if split in ("train", "val")
         }
@@ -359,8 +385,7 @@ class Trainer:
             leave=False,
             disable=not sys.stderr.isatty() or not acc.is_main_process,
         )
-        return evaluate(
-            acc,
+        return evaluate_loop(
             bare.model,
             bare,
             self.loaders[split],
@@ -368,6 +393,8 @@ class Trainer:
             self.exp.mtl_delta,
             bar,
             self.threshold,
+            autocast=acc.autocast,
+            gather=acc.gather_for_metrics,
         )
 
     def _update_best(self, rows: list[dict[str, Any]]) -> bool:
@@ -438,6 +465,39 @@ class Trainer:
             acc.end_training()
         close_log(self.log)
         return summary
+
+
+def compose(
+    cfg: Mapping[str, Any] | None,
+    model: Any,
+    tasks: Mapping[str, Any] | None,
+    data: Mapping[str, Any],
+    sections: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config of a run given as a config and/or built objects, and the objects by the
+    config entry they stand for (``model``, ``train``, ``val``, ``test``)."""
+    cfg = copy.deepcopy(dict(cfg or {}))
+    cfg.update(copy.deepcopy(dict(sections)))
+    objects: dict[str, Any] = {}
+    if isinstance(model, nn.Module):
+        objects["model"] = model
+        cfg["model"] = object_entry(model, "weights only: pass the model again to load the run")
+    elif model is not None:
+        cfg["model"] = dict(model)
+    if tasks is not None:
+        cfg["tasks"] = {
+            name: spec.config() if isinstance(spec, Task) else spec for name, spec in tasks.items()
+        }
+    given = {split: obj for split, obj in data.items() if obj is not None}
+    if given:
+        cfg["data"] = dict(cfg.get("data") or {})
+    for split, obj in given.items():
+        if isinstance(obj, Mapping):
+            cfg["data"][split] = dict(obj)
+        else:
+            objects[split] = obj
+            cfg["data"][split] = object_entry(obj, "not saved: pass it again to resume")
+    return cfg, objects
 
 
 def _scalars(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
