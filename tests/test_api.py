@@ -66,14 +66,14 @@ def test_objects_are_recorded_by_class_and_weights_load_into_a_given_model(train
     with pytest.raises(ConfigError, match=r"config key 'model'.*pass it again"):
         moekit.load_run(run)
     fresh = moekit.build_model({"tasks": TASKS, "model": {**MODEL, "num_heads": 3}})
-    loaded, cfg, tasks = moekit.load_run(run, "last", model=fresh)
+    loaded, _, tasks = moekit.load_run(run, "last", model=fresh)
     assert loaded is fresh and list(tasks) == list(TASKS)
     for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_evaluate_matches_the_trainers_validation_row(trained):
-    run, model, summary = trained
+    _, model, summary = trained
     values = moekit.evaluate(model, shapes("val", 16), TASKS, batch_size=5)
     final = summary["final"]
     for key in ("loss", "shape/accuracy", "depth/rmse"):
