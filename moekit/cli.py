@@ -1,8 +1,10 @@
 """The ``moekit`` command line.
 
 Each subcommand lives in ``moekit/commands/<module>.py`` and registers itself with
-``register(subparsers)``. A user error (:class:`moekit.errors.MoekitError`, a missing file)
-prints one line to stderr and exits with status 2; ``--debug`` shows the traceback instead.
+``register(subparsers)``. A user error (:class:`moekit.errors.MoekitError`: a config mistake, a
+bad or missing data file, a bad checkpoint) prints one line to stderr and exits with status 2;
+``--debug`` shows its traceback instead. Any other exception is a bug (in moekit or in a
+component of the user's): its traceback is printed and the status is 1.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (MoekitError, FileNotFoundError) as exc:
+    except MoekitError as exc:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

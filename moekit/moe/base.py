@@ -37,7 +37,7 @@ def rows_per_token(ids: Tensor | None, batch: int, tokens: int, what: str) -> Te
         return ids.repeat_interleave(tokens)
     if ids.numel() == batch * tokens:
         return ids.reshape(-1)
-    raise ConfigError(
+    raise ValueError(
         f"{what} has shape {tuple(ids.shape)}; expected [{batch}] per sample or "
         f"[{batch}, {tokens}] per token"
     )
@@ -98,13 +98,13 @@ class MoELayer(nn.Module):
         total = self.router.num_experts
         held = self.expert_ids
         if not ids or ids[0] < 0 or ids[-1] >= total:
-            raise ConfigError(
+            raise ValueError(
                 f"{self.name}: experts to keep must be a non-empty subset of 0..{total - 1}, "
                 f"got {ids}"
             )
         gone = [e for e in ids if e not in held]
         if gone:
-            raise ConfigError(f"{self.name}: expert {gone[0]} was already removed")
+            raise ValueError(f"{self.name}: expert {gone[0]} was already removed")
         device = self.router.gate.weight.device
         index = torch.tensor([held.index(e) for e in ids], dtype=torch.long, device=device)
         for name in self.expert_modules:

@@ -107,7 +107,7 @@ class Router(nn.Module):
         old_shape = (old.dim, old.num_experts, old.num_tasks)
         shape = (self.dim, self.num_experts, self.num_tasks)
         if old_shape != shape:
-            raise ConfigError(
+            raise ValueError(
                 "cannot switch routers of different shapes: "
                 f"(dim, num_experts, num_tasks) {old_shape} -> {shape}"
             )

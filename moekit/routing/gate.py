@@ -54,7 +54,7 @@ class Gate(nn.Module):
     def keep_task(self, task: int) -> None:
         """Keep only task ``task``'s gate (per-task extraction): ``num_tasks`` becomes 1."""
         if not 0 <= task < self.num_tasks:
-            raise ConfigError(f"task id {task} is outside 0..{self.num_tasks - 1}")
+            raise ValueError(f"task id {task} is outside 0..{self.num_tasks - 1}")
         self.weight = nn.Parameter(self.weight.detach()[task : task + 1].clone())
         if self.bias is not None:
             self.bias = nn.Parameter(self.bias.detach()[task : task + 1].clone())
@@ -68,7 +68,7 @@ class Gate(nn.Module):
                 logits = x @ self.weight[0]
                 return logits if self.bias is None else logits + self.bias[0]
             if task_ids is None:
-                raise ConfigError(
+                raise ValueError(
                     f"a gate with num_tasks={self.num_tasks} needs task_ids for every token"
                 )
             logits = x @ rearrange(self.weight, "t d e -> d (t e)")

@@ -24,26 +24,37 @@ def mass_tolerance(probs: Tensor) -> float:
     return probs.shape[-1] * torch.finfo(probs.dtype).eps
 
 
-def check_k(k: int, num_experts: int, name: str = "k") -> None:
-    """Raise :class:`ConfigError` unless ``1 <= k <= num_experts``."""
+def k_problem(k: int, num_experts: int, name: str = "k") -> str | None:
+    """What is wrong with ``k`` (``1 <= k <= num_experts`` is expected), or None."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ConfigError(f"{name} must be an int in [1, {num_experts}] (num_experts), got {k!r}")
+        return f"{name} must be an int in [1, {num_experts}] (num_experts), got {k!r}"
+    return None
 
 
-def check_p(p: float) -> None:
-    """Raise :class:`ConfigError` unless ``0 < p <= 1``."""
+def top_p_problem(p: float, min_k: int, max_k: int | None, num_experts: int) -> str | None:
+    """What is wrong with top-p's arguments (``0 < p <= 1``, ``1 <= min_k <= max_k <= E``)."""
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p <= 1.0:
-        raise ConfigError(f"p must be a number in (0, 1], got {p!r}")
+        return f"p must be a number in (0, 1], got {p!r}"
+    problem = k_problem(min_k, num_experts, "min_k")
+    if problem is None and max_k is not None:
+        problem = k_problem(max_k, num_experts, "max_k")
+        if problem is None and max_k < min_k:
+            problem = f"max_k ({max_k}) must be >= min_k ({min_k})"
+    return problem
+
+
+def check_k(k: int, num_experts: int) -> None:
+    """A router's ``k`` (at construction): a :class:`ConfigError` unless ``1 <= k <= E``."""
+    problem = k_problem(k, num_experts)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_top_p(p: float, min_k: int, max_k: int | None, num_experts: int) -> None:
-    """Raise :class:`ConfigError` unless ``0 < p <= 1`` and ``1 <= min_k <= max_k <= E``."""
-    check_p(p)
-    check_k(min_k, num_experts, "min_k")
-    if max_k is not None:
-        check_k(max_k, num_experts, "max_k")
-        if max_k < min_k:
-            raise ConfigError(f"max_k ({max_k}) must be >= min_k ({min_k})")
+    """A top-p router's arguments (at construction): a :class:`ConfigError` when wrong."""
+    problem = top_p_problem(p, min_k, max_k, num_experts)
+    if problem:
+        raise ConfigError(problem)
 
 
 def select_all(probs: Tensor, renormalize: bool = False) -> tuple[Tensor, Tensor]:
@@ -60,7 +71,9 @@ def select_top_k(probs: Tensor, k: int, renormalize: bool = False) -> tuple[Tens
     ``renormalize``, divided by their sum, which equals Shazeer's softmax over the kept logits
     when ``probs`` is a softmax.
     """
-    check_k(k, probs.shape[-1])
+    problem = k_problem(k, probs.shape[-1])
+    if problem:
+        raise ValueError(f"select_top_k: {problem}")
     weight, index = probs.topk(k, dim=-1)
     return index, renormalize_weight(weight) if renormalize else weight
 
@@ -88,7 +101,9 @@ def select_top_p(
     paper) or, with ``renormalize``, divided by their sum.
     """
     num_experts = probs.shape[-1]
-    check_top_p(p, min_k, max_k, num_experts)
+    problem = top_p_problem(p, min_k, max_k, num_experts)
+    if problem:
+        raise ValueError(f"select_top_p: {problem}")
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = torch.nn.functional.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
     rank = torch.arange(num_experts, device=probs.device)

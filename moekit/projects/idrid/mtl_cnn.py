@@ -12,11 +12,14 @@ lesions from a fundus photograph:
   :class:`~moekit.moe.MoEModules` over DeepLabV3+ decoder experts (DSConv), whose combined
   logits are upsampled once to the input size.
 
-Every task's gate sees the globally pooled stage-4 backbone features, as in the seed. With
-``score: sigmoid`` every expert gets an independent score, as in the seed; the dense phase
-mixes all experts with ``scores / Σ scores`` and the top-p phase keeps the highest scores until
-their sum reaches ``p`` (``renormalize: true``). Unlike the seed, unselected experts are
-never computed.
+The experts are ``EXPERTS`` entries chosen in the config (``cls_expert: {type: dsconv_cls,
+...}``, ``seg_expert: {type: deeplab_decoder, ...}``, the IDRiD paper's by default); the model
+passes each its input channels and the task's classes. Every task's gate sees the globally
+pooled stage-4 backbone features, as in the IDRiD paper. With ``score: sigmoid`` every
+expert gets an independent score, as in the paper; the dense phase mixes all experts with
+``scores / Σ scores`` and the top-p phase keeps the highest scores until their sum reaches
+``p`` (``renormalize: true``). Unlike the reference code, unselected experts are never
+computed.
 """
 
 from __future__ import annotations
@@ -33,9 +36,7 @@ from moekit.models.heads import scatter_rows
 from moekit.models.single_task import task_position
 from moekit.moe import MoEModules, name_moe_layers
 from moekit.nn.aspp import ASPP
-from moekit.nn.cls_head import DSConvClassifier
-from moekit.nn.deeplab_decoder import DeepLabDecoder
-from moekit.registry import BACKBONES, MODELS
+from moekit.registry import BACKBONES, EXPERTS, MODELS, accepted_kwargs
 from moekit.routing.types import RoutingRecord
 from moekit.types import ModelOutput, Task
 
@@ -67,29 +68,28 @@ class MultiTaskCNN(nn.Module):
         low_channels, high_channels = self.backbone.channels[0], self.backbone.channels[-1]
         router = dict(router or DEFAULT_ROUTER)
         heads: dict[str, nn.Module] = {}
+        seg_spec = {"type": "deeplab_decoder", **(seg_expert or {})}
+        cls_spec = {"type": "dsconv_cls", **(cls_expert or {})}
         for name, task in tasks.items():
             if task.is_dense:
                 if task.kind != "segmentation":
                     raise ConfigError(f"tasks.{name}: mtl_cnn segments; got kind '{task.kind}'")
                 experts = [
-                    DeepLabDecoder(
+                    EXPERTS.build(
+                        seg_spec,
                         num_classes=task.num_classes,
                         high_channels=(aspp or {}).get("out_channels", 256),
                         low_channels=low_channels,
-                        **(seg_expert or {}),
                     )
                     for _ in range(num_experts)
                 ]
             else:
-                experts = [
-                    DSConvClassifier(
-                        num_classes=task.num_classes,
-                        in_channels=high_channels,
-                        **{"mid_channels": high_channels // 2, **(cls_expert or {})},
-                    )
-                    for _ in range(num_experts)
-                ]
+                defaults = {"num_classes": task.num_classes, "in_channels": high_channels}
+                if "mid_channels" in accepted_kwargs(EXPERTS.get(cls_spec["type"]))[0]:
+                    defaults["mid_channels"] = high_channels // 2
+                experts = [EXPERTS.build(cls_spec, **defaults) for _ in range(num_experts)]
             heads[name] = MoEModules(experts, router=router, dim=high_channels)
+        self.num_classes = {name: task.num_classes for name, task in tasks.items()}
         self.heads = nn.ModuleDict(heads)
         self.aspp = ASPP(in_channels=high_channels, **(aspp or {})) if self.dense_tasks else None
         name_moe_layers(self)
@@ -128,15 +128,14 @@ class MultiTaskCNN(nn.Module):
             idx = rows[name]
             head = self.heads[name]
             if name in self.dense_tasks:
-                num_classes = head.experts[0].classifier.out_channels
                 if idx.numel() == 0:
-                    preds[name] = inputs.new_zeros((batch, num_classes, *size))
+                    preds[name] = inputs.new_zeros((batch, self.num_classes[name], *size))
                     continue
                 logits, record = head((aspp[idx], low[idx]), gate_input=high[idx])
                 out = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             else:
                 if idx.numel() == 0:
-                    preds[name] = inputs.new_zeros((batch, head.experts[0].mlp[-1].out_features))
+                    preds[name] = inputs.new_zeros((batch, self.num_classes[name]))
                     continue
                 out, record = head(high[idx])
             records.append(record)
