@@ -9,11 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moekit.projects  # noqa: F401  (registers odir_score)
+from moekit.engine.evaluation import MetricTracker
 from moekit.errors import ConfigError
 from moekit.metrics.ranking import average_precision, average_ranks, roc_auc
 from moekit.metrics.thresholds import tune_thresholds
 from moekit.projects.odir.challenge_score import odir_challenge_score
 from moekit.registry import METRICS
+from moekit.types import Batch, Task
 
 
 def build(name, num_classes, **kwargs):
@@ -265,3 +267,84 @@ def test_tune_thresholds_midpoints_and_shape_check():
     assert tune_thresholds(probs, labels).tolist() == pytest.approx([0.25])
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         tune_thresholds(torch.rand(4, 2), torch.ones(4, 3))
+
+
+# ----------------------------------------------------------------- the engine's tracker
+def tracker_tasks():
+    spec = {
+        "kind": "multilabel",
+        "num_classes": 3,
+        "loss": ["bce"],
+        "metrics": ["roc_auc", "f1", "odir_score", {"type": "average_precision", "name": "ap"}],
+    }
+    return {"diagnosis": Task.from_config("diagnosis", spec)}
+
+
+def tracker_batch(logits, targets, mask):
+    return Batch(logits, {"diagnosis": targets}, {"diagnosis": mask})
+
+
+def expected_columns(logits, targets, mask):
+    s, y = logits[mask], targets[mask]
+    aucs = [loop_auc(s[:, c].tolist(), y[:, c].tolist()) for c in range(3)]
+    aps = [loop_ap(s[:, c].tolist(), y[:, c].tolist()) for c in range(3)]
+    return {"roc_auc": sum(aucs) / 3, "ap": sum(aps) / 3}
+
+
+def test_tracker_keeps_ranking_rows_and_sums_the_rest():
+    torch.manual_seed(7)
+    logits, targets = torch.randn(20, 3), (torch.rand(20, 3) < 0.5).float()
+    mask = torch.rand(20) < 0.85
+    tracker = MetricTracker(tracker_tasks())
+    for rows in torch.arange(20).split(6):
+        batch = tracker_batch(logits[rows], targets[rows], mask[rows])
+        losses = {"diagnosis": torch.zeros(len(rows))}
+        tracker.accumulate(tracker.rows({"diagnosis": logits[rows]}, batch, losses))
+    values = tracker.compute()
+    expected = expected_columns(logits, targets, mask)
+    assert values["diagnosis/roc_auc"] == pytest.approx(expected["roc_auc"])
+    assert values["diagnosis/ap"] == pytest.approx(expected["ap"])
+    whole = METRICS.build({"type": "f1"}, num_classes=3)
+    whole.update(logits, targets, mask)
+    assert values["diagnosis/f1"] == pytest.approx(whole.compute()[""])
+    challenge = odir_challenge_score(targets[mask], logits[mask], 0.5)
+    assert values["diagnosis/odir_score"] == pytest.approx(challenge[""])
+    assert values["diagnosis/odir_score/auc"] == pytest.approx(challenge["auc"])
+
+
+def _tracker_process(rank, world, path, logits, targets, mask):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{path}.rendezvous", rank=rank, world_size=world
+    )
+    try:
+        tracker = MetricTracker(tracker_tasks())
+        shard = torch.arange(len(logits))[rank::world][: 3 + 2 * rank]  # unequal shards
+        batch = tracker_batch(logits[shard], targets[shard], mask[shard])
+        losses = {"diagnosis": torch.zeros(len(shard))}
+        tracker.accumulate(tracker.rows({"diagnosis": logits[shard]}, batch, losses))
+
+        def reduce_sum(t):
+            torch.distributed.all_reduce(t)
+            return t
+
+        tracker.reduce(reduce_sum, torch.device("cpu"))
+        torch.save(tracker.compute(), f"{path}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # launches two processes
+def test_tracker_gathers_ranking_rows_across_processes(tmp_path):
+    torch.manual_seed(8)
+    logits, targets = torch.randn(12, 3), (torch.rand(12, 3) < 0.5).float()
+    mask = torch.ones(12, dtype=torch.bool)
+    path = str(tmp_path / "run")
+    torch.multiprocessing.spawn(
+        _tracker_process, args=(2, path, logits, targets, mask), nprocs=2, join=True
+    )
+    used = torch.cat([torch.arange(12)[0::2][:3], torch.arange(12)[1::2][:5]])
+    expected = expected_columns(logits[used], targets[used], mask[used])
+    for rank in range(2):
+        values = torch.load(f"{path}.{rank}", weights_only=True)
+        assert values["diagnosis/roc_auc"] == pytest.approx(expected["roc_auc"])
+        assert values["diagnosis/ap"] == pytest.approx(expected["ap"])

@@ -26,7 +26,7 @@ def build(**kwargs):
 
 def test_study_head_on_the_backbones_own_pooled_features():
     torch.manual_seed(0)
-    model = build(backbone="resnet18").eval()
+    model = build(backbone={"name": "resnet18"}).eval()
     head = model.heads["diagnosis"]
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert (head[0].in_features, head[0].out_features, head[2].p) == (512, 512, 0.5)
@@ -35,7 +35,7 @@ def test_study_head_on_the_backbones_own_pooled_features():
     with torch.no_grad():
         expected = head(model.backbone(images))  # timm's forward with num_classes=0: pooled
         torch.testing.assert_close(model(images).preds["diagnosis"], expected)
-    linear = build(backbone="efficientnet_b0", head="linear")
+    linear = build(backbone={"name": "efficientnet_b0"}, classifier="linear")
     assert isinstance(linear.heads["diagnosis"], torch.nn.Linear)
     assert linear.heads["diagnosis"].in_features == 1280
 
@@ -43,7 +43,7 @@ def test_study_head_on_the_backbones_own_pooled_features():
 @pytest.mark.parametrize("attention", ["se", "mhsa"])
 def test_attention_on_a_cnn_map_equals_the_map_blocks(attention):
     torch.manual_seed(1)
-    model = build(backbone="resnet18", attention=attention).eval()
+    model = build(backbone={"name": "resnet18"}, attention=attention).eval()
     reference = SqueezeExcitation(512) if attention == "se" else SpatialSelfAttention(512)
     reference.load_state_dict(model.attention.state_dict())
     images = torch.randn(2, 3, 64, 64)
@@ -54,7 +54,9 @@ def test_attention_on_a_cnn_map_equals_the_map_blocks(attention):
 
 def test_moe_head_mixes_expert_heads_with_one_gate_per_label():
     torch.manual_seed(2)
-    model = build(backbone="resnet18", head={"type": "moe", "num_experts": 3}).eval()
+    model = build(
+        backbone={"name": "resnet18"}, classifier={"type": "moe", "num_experts": 3}
+    ).eval()
     head = model.heads["diagnosis"]
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
@@ -75,7 +77,7 @@ def test_moe_head_mixes_expert_heads_with_one_gate_per_label():
 
 def test_views_average_the_present_views_and_task_masks_select_rows():
     torch.manual_seed(3)
-    model = build(backbone="resnet18").eval()
+    model = build(backbone={"name": "resnet18"}).eval()
     left, right = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
     present = torch.tensor([[True, True], [True, False], [False, True]])
     with torch.no_grad():
@@ -98,10 +100,10 @@ def test_pretrained_from_a_local_file(tmp_path):
     source = timm.create_model("resnet18", num_classes=1000)
     path = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    model = build(backbone="resnet18", pretrained=str(path))
+    model = build(backbone={"name": "resnet18", "pretrained": str(path)})
     torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     with pytest.raises(ConfigError, match="not found"):
-        build(backbone="resnet18", pretrained=str(tmp_path / "none.pth"))
+        build(backbone={"name": "resnet18", "pretrained": str(tmp_path / "none.pth")})
 
 
 def test_single_task_and_config_errors():
@@ -109,19 +111,23 @@ def test_single_task_and_config_errors():
         "a": Task.from_config("a", {"kind": "multilabel", "num_classes": 3, "loss": ["bce"]}),
         "b": Task.from_config("b", {"kind": "multiclass", "num_classes": 2, "loss": ["bce"]}),
     }
-    model = MODELS.build({"type": "transfer_classifier", "head": "linear"}, tasks=tasks).eval()
+    model = MODELS.build(
+        {"type": "transfer_classifier", "classifier": "linear"}, tasks=tasks
+    ).eval()
     model.single_task("b")
     assert list(model(torch.randn(1, 3, 32, 32)).preds) == ["b"]
     with pytest.raises(ConfigError, match="did you mean 'mhsa'"):
         build(attention="mhas")
     with pytest.raises(ConfigError, match=r"'mixture' is not one of mlp, linear, moe"):
-        build(head="mixture")
-    with pytest.raises(ConfigError, match=r"model.head.width': unknown; valid: hidden, dropout"):
-        build(head={"type": "mlp", "width": 3})
+        build(classifier="mixture")
+    with pytest.raises(
+        ConfigError, match=r"model.classifier.width': unknown; valid: hidden, dropout"
+    ):
+        build(classifier={"type": "mlp", "width": 3})
     with pytest.raises(ConfigError, match=r"model.attention.heads': unknown"):
         build(attention={"type": "mhsa", "heads": 4})
     with pytest.raises(ConfigError, match="timm has no model"):
-        build(backbone="resnet1888")
+        build(backbone={"name": "resnet1888"})
     dense = {"seg": Task.from_config("seg", {"kind": "segmentation", "loss": ["dice"]})}
     with pytest.raises(ConfigError, match="per image"):
         MODELS.build({"type": "transfer_classifier"}, tasks=dense)
@@ -132,7 +138,7 @@ def test_single_task_and_config_errors():
 @pytest.mark.parametrize("attention", ["se", "mhsa"])
 def test_transformers_train_one_step_with_attention(backbone, attention):
     torch.manual_seed(5)
-    model = build(backbone=backbone, timm_kwargs={"img_size": 64}, attention=attention)
+    model = build(backbone={"name": backbone, "timm_kwargs": {"img_size": 64}}, attention=attention)
     images, targets = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     features = model.feature_map(images)
     expected = (2, 17, 768) if backbone.startswith("vit") else (2, 2, 2, 768)  # tokens / NHWC

@@ -9,7 +9,7 @@ config sections, and what ``finetune`` freezes (docs/training.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from moekit.engine.optim import build_optimizer, build_scheduler, named_paramete
 from moekit.engine.schedule import Phase, parse_phases
 from moekit.engine.seeding import seed_everything
 from moekit.errors import ConfigError
+from moekit.losses.task_losses import resolve_auto_counts
 from moekit.registry import (
     AUX_LOSSES,
     DATASETS,
@@ -84,13 +85,19 @@ def build_aux_terms(raw: Any) -> list[AuxTerm]:
     return terms
 
 
-def build_task_losses(tasks: Mapping[str, Task]) -> dict[str, list[tuple[float, nn.Module]]]:
-    """Every task's weighted ``TASK_LOSSES`` terms."""
+def build_task_losses(
+    tasks: Mapping[str, Task], train: Callable[[], Any] | None = None
+) -> dict[str, list[tuple[float, nn.Module]]]:
+    """Every task's weighted ``TASK_LOSSES`` terms. ``train`` returns the training dataset,
+    asked only for ``counts: auto`` (:func:`~moekit.losses.task_losses.resolve_auto_counts`)."""
     losses = {}
     for name, task in tasks.items():
         if not task.loss:
             raise ConfigError(f"config key 'tasks.{name}.loss': a task needs at least one loss")
-        losses[name] = [(term.weight, TASK_LOSSES.build(term.config())) for term in task.loss]
+        losses[name] = [
+            (term.weight, TASK_LOSSES.build(resolve_auto_counts(term.config(), name, train)))
+            for term in task.loss
+        ]
     return losses
 
 
@@ -179,11 +186,18 @@ def build_experiment(
     model = built_object(cfg.get("model"), objects.get("model"), "model")
     model = build_model(cfg, tasks) if model is None else model
     weighting = WEIGHTINGS.build(cfg.get("weighting") or {"type": "equal"}, tasks=tasks)
-    objective = MultiTaskObjective(
-        model, tasks, build_task_losses(tasks), weighting, build_aux_terms(cfg.get("aux_losses"))
-    )
     wanted = [s for s in SPLITS if data[s] is not None] if splits is None else list(splits)
     datasets = {split: build_dataset(cfg, split, objects.get(split)) for split in wanted}
+
+    def train_dataset() -> Any:
+        if "train" in datasets:
+            return datasets["train"]
+        return build_dataset(cfg, "train", objects.get("train"))
+
+    losses = build_task_losses(tasks, train_dataset)
+    objective = MultiTaskObjective(
+        model, tasks, losses, weighting, build_aux_terms(cfg.get("aux_losses"))
+    )
     optimizer = scheduler = None
     per_epoch = 0
     if "train" in datasets:

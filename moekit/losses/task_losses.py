@@ -225,6 +225,8 @@ def resolve_auto_counts(
     if dataset is None:
         raise ConfigError(f"config key '{where}': 'auto' needs a training dataset (data.train)")
     if not callable(getattr(dataset, "label_counts", None)):
+        dataset = getattr(dataset, "dataset", dataset)  # a loader over the dataset
+    if not callable(getattr(dataset, "label_counts", None)):
         raise ConfigError(
             f"config key '{where}': 'auto' needs a dataset with label_counts(task); "
             f"{type(dataset).__name__} has none, give the counts per class"

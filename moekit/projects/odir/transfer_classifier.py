@@ -5,14 +5,14 @@ small head on a pretrained ResNet-18 or EfficientNet-B0 (and ViT-B/16, Swin-S):
 
     backbone.forward_features -> [attention] -> backbone's own pooling -> head -> logits
 
-- **backbone**: any timm model by name, its classifier removed (``num_classes=0``); the
+- **backbone**: any timm model by ``name``, its classifier removed (``num_classes=0``); the
   pooling is the model's own (global average for CNNs and Swin, the class token for ViT), so
   the head sees exactly the features the model's classifier would;
 - **attention** (optional) on the last feature map or token set before pooling, for CNN maps
   and transformer tokens alike (a map's ``H·W`` positions are its tokens): ``se`` —
   Squeeze-and-Excitation (Hu et al. 2018) — or ``mhsa`` — multi-head self-attention,
   pre-LayerNorm, 8 heads, residual;
-- **head** per task: ``mlp`` — the study's ``Linear(F, 512) → ReLU → Dropout 0.5 →
+- **classifier** per task: ``mlp`` — the study's ``Linear(F, 512) → ReLU → Dropout 0.5 →
   Linear(512, C)`` —, ``linear``, or ``moe`` — beyond the study: ``E`` expert heads and one
   gate per *label* (the labels as the tasks of an MoE layer, Mod-Squad-style per-task gates),
   ``logit_c = Σ_e w_{c,e}(x) · expert_e(x)_c``, so routing can specialise experts on rare
@@ -45,9 +45,10 @@ from moekit.routing.types import RoutingRecord
 from moekit.types import ModelOutput, Task
 
 ATTENTION_TYPES = ("se", "mhsa")
-HEAD_TYPES = ("mlp", "linear", "moe")
+CLASSIFIER_TYPES = ("mlp", "linear", "moe")
+BACKBONE_KEYS = ("name", "pretrained", "timm_kwargs")
 STUDY_HEAD = {"type": "mlp", "hidden": 512, "dropout": 0.5}
-"""The ODIR study's head: ``Linear(F, 512) → ReLU → Dropout 0.5 → Linear(512, C)``."""
+"""The ODIR study's classifier: ``Linear(F, 512) → ReLU → Dropout 0.5 → Linear(512, C)``."""
 
 
 def _spec(value: str | Mapping[str, Any], where: str, choices: tuple[str, ...]) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class LabelRoutedHead(nn.Module):
         dim: pooled feature width ``F``.
         num_classes: ``C`` labels.
         num_experts: ``E``.
-        expert: the expert head (``mlp`` or ``linear``, see :func:`build_head`).
+        expert_head: each expert (``mlp`` or ``linear``, see :func:`build_head`).
         router: the router config (default: dense softmax over the experts).
     """
 
@@ -125,17 +126,20 @@ class LabelRoutedHead(nn.Module):
         dim: int,
         num_classes: int,
         num_experts: int = 4,
-        expert: str | Mapping[str, Any] = "mlp",
+        expert_head: str | Mapping[str, Any] = "mlp",
         router: Mapping[str, Any] | None = None,
-        where: str = "model.head",
+        where: str = "model.classifier",
     ) -> None:
         super().__init__()
         if int(num_experts) < 1:
             raise ConfigError(f"config key '{where}.num_experts': expected >= 1, got {num_experts}")
-        spec = _spec(expert, f"{where}.expert", ("mlp", "linear"))
+        spec = _spec(expert_head, f"{where}.expert_head", ("mlp", "linear"))
         self.num_classes = num_classes
         self.moe = MoEModules(
-            [build_head(spec, dim, num_classes, f"{where}.expert") for _ in range(num_experts)],
+            [
+                build_head(spec, dim, num_classes, f"{where}.expert_head")
+                for _ in range(num_experts)
+            ],
             router=dict(router or {"type": "softmax"}),
             num_tasks=num_classes,
             dim=dim,
@@ -151,54 +155,59 @@ class LabelRoutedHead(nn.Module):
 
 @MODELS.register("transfer_classifier")
 class TransferClassifier(nn.Module):
-    """A timm backbone, optional attention before its pooling, and one head per task.
+    """A timm backbone, optional attention before its pooling, and one classifier per task.
 
     Args:
-        tasks: image-level tasks (multilabel, multiclass, regression); one head each.
-        backbone: a timm model name (``resnet18``, ``efficientnet_b0``,
-            ``vit_base_patch16_224``, ``swin_small_patch4_window7_224``, ``convnext_tiny``...).
-        pretrained: a local weights file, ``true`` (timm's hub download) or ``None``.
-        timm_kwargs: further ``timm.create_model`` arguments (``img_size`` for ViT/Swin at
-            another resolution, ``drop_path_rate``...).
+        tasks: image-level tasks (multilabel, multiclass, regression); one classifier each.
+        backbone: ``{name, pretrained, timm_kwargs}``: a timm model ``name`` (``resnet18``,
+            the default, ``efficientnet_b0``, ``vit_base_patch16_224``,
+            ``swin_small_patch4_window7_224``, ``convnext_tiny``...); ``pretrained`` a local
+            weights file, ``true`` (timm's hub download) or ``null``; ``timm_kwargs`` further
+            ``timm.create_model`` arguments (``img_size`` for ViT/Swin at another resolution,
+            ``drop_path_rate``...).
         attention: ``None``, ``se`` or ``mhsa`` (a name or ``{type, **options}``).
-        head: ``mlp`` (the study's, default), ``linear``, or ``{type: moe, num_experts,
-            expert, router}`` (:class:`LabelRoutedHead`); a name or ``{type, **options}``.
+        classifier: ``mlp`` (the study's, default; ``{type: mlp, hidden, dropout}``),
+            ``linear``, or ``{type: moe, num_experts, expert_head, router}``
+            (:class:`LabelRoutedHead`).
     """
 
     def __init__(
         self,
         tasks: Mapping[str, Task],
-        backbone: str = "resnet18",
-        pretrained: str | bool | None = None,
-        timm_kwargs: Mapping[str, Any] | None = None,
+        backbone: Mapping[str, Any] | None = None,
         attention: str | Mapping[str, Any] | None = None,
-        head: str | Mapping[str, Any] = "mlp",
+        classifier: str | Mapping[str, Any] = "mlp",
     ) -> None:
         super().__init__()
-        check_timm_name(backbone, "model.backbone")
-        for name, task in tasks.items():
+        spec = dict(backbone or {})
+        _check_keys(spec, BACKBONE_KEYS, "model.backbone")
+        name = spec.get("name", "resnet18")
+        check_timm_name(name, "model.backbone.name")
+        for task_name, task in tasks.items():
             if task.is_dense:
                 raise ConfigError(
-                    f"tasks.{name}: transfer_classifier predicts per image; got a dense task"
+                    f"tasks.{task_name}: transfer_classifier predicts per image; got a dense task"
                 )
         self.backbone = timm.create_model(
-            backbone,
+            name,
             num_classes=0,
-            **pretrained_kwargs(pretrained, "model.pretrained"),
-            **dict(timm_kwargs or {}),
+            **pretrained_kwargs(spec.get("pretrained"), "model.backbone.pretrained"),
+            **dict(spec.get("timm_kwargs") or {}),
         )
         width = int(self.backbone.num_features)
         pooled = int(getattr(self.backbone, "head_hidden_size", width))
         self.attention = build_attention(attention, width)
-        head_spec = _spec(head, "model.head", HEAD_TYPES)
+        head_spec = _spec(classifier, "model.classifier", CLASSIFIER_TYPES)
         heads: dict[str, nn.Module] = {}
-        for name, task in tasks.items():
+        for task_name, task in tasks.items():
             if head_spec["type"] == "moe":
                 options = {k: v for k, v in head_spec.items() if k != "type"}
-                _check_keys(options, ("num_experts", "expert", "router"), "model.head")
-                heads[name] = LabelRoutedHead(pooled, task.num_classes, **options)
+                _check_keys(options, ("num_experts", "expert_head", "router"), "model.classifier")
+                heads[task_name] = LabelRoutedHead(pooled, task.num_classes, **options)
             else:
-                heads[name] = build_head(head_spec, pooled, task.num_classes, "model.head")
+                heads[task_name] = build_head(
+                    head_spec, pooled, task.num_classes, "model.classifier"
+                )
         self.heads = nn.ModuleDict(heads)
         self.num_classes = {name: task.num_classes for name, task in tasks.items()}
         name_moe_layers(self)
