@@ -313,7 +313,7 @@ def test_fundus_and_masks_share_the_augmentation(replica):
     for sample in moved:  # the disc is the brightest region of the photograph, wherever it went
         disc = sample["targets"]["disc"][0].bool()
         brightness = sample["inputs"].mean(0)
-        assert brightness[disc].mean() > brightness[~disc].mean() + 0.5
+        assert brightness[disc].mean() > brightness[~disc].mean() + 0.2
 
 
 def test_builds_from_registry_and_config_errors(replica):
