@@ -143,7 +143,7 @@ def test_transformers_train_one_step_with_attention(backbone, attention):
     features = model.feature_map(images)
     expected = (2, 17, 768) if backbone.startswith("vit") else (2, 2, 2, 768)  # tokens / NHWC
     assert features.shape == expected
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in model.attention.parameters()]
     logits = model(images).preds["diagnosis"]
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
