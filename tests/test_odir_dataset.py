@@ -222,7 +222,8 @@ def test_odir5k_patient_views_collate_with_present_and_run_the_model(odir5k):
             "diagnosis", {"kind": "multilabel", "num_classes": 8, "loss": ["bce"]}
         )
     }
-    model = MODELS.build({"type": "transfer_classifier", "classifier": "linear"}, tasks=tasks).eval()
+    spec = {"type": "transfer_classifier", "classifier": "linear"}
+    model = MODELS.build(spec, tasks=tasks).eval()
     with torch.no_grad():
         preds = run_model(model, batch).preds["diagnosis"]
         alone = model(batch.inputs["right"][5:]).preds["diagnosis"]
