@@ -19,6 +19,7 @@ from moekit.errors import MoekitError
 
 COMMAND_MODULES = (
     "moekit.commands.listing",
+    "moekit.commands.configs",
     "moekit.commands.config",
     "moekit.commands.train",
     "moekit.commands.eval",

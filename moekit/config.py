@@ -29,8 +29,10 @@ from moekit.errors import ConfigError, did_you_mean
 from moekit.fileio import atomic_write_text
 from moekit.sections import documented
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-"""The moekit checkout (``configs/`` and ``experiments/`` live beside the ``moekit`` package)."""
+SHIPPED_ROOT = Path(__file__).resolve().parent
+"""The installed ``moekit`` package: its shipped ``configs/`` and ``experiments/`` are package
+data inside it (a checkout links them from its top level)."""
+SHIPPED_CONFIGS = SHIPPED_ROOT / "configs"
 BASE_KEY = "_base_"
 REPLACE_KEY = "_replace_"
 
@@ -59,14 +61,20 @@ for _cls in (_Loader, _Dumper):
 
 
 def shipped_path(path: str | Path) -> Path:
-    """``path`` as given when it exists (relative to the current directory), else the file of
-    that name in the moekit checkout (``configs/...``), so default config paths work from any
-    directory; unchanged when neither exists (the caller's error then names it)."""
+    """``path`` as given when it exists (relative to the current directory), else the shipped
+    file it names, so shipped configs work from any directory of an installed moekit:
+    ``configs/idrid/demo.yaml`` or ``experiments/idrid_routing.yaml`` (a path inside the
+    package), or a config's name ``idrid/demo`` (``moekit configs`` lists them); unchanged when
+    none exists (the caller's error then names it)."""
     path = Path(path)
     if path.exists() or path.is_absolute():
         return path
-    shipped = REPO_ROOT / path
-    return shipped if shipped.exists() else path
+    inside = SHIPPED_ROOT / path if path.parts[0] in ("configs", "experiments") else None
+    named = SHIPPED_CONFIGS / (path if path.suffix in (".yaml", ".yml") else f"{path}.yaml")
+    for shipped in (inside, named):
+        if shipped is not None and shipped.is_file():
+            return shipped
+    return path
 
 
 def parse_yaml(text: str) -> Any:
@@ -115,7 +123,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(
+            f"{path}: config file not found (`moekit configs` lists the shipped configs)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     try:
@@ -164,7 +174,7 @@ def load_stack(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> di
     fragment's ``_replace_`` applies), then apply ``key=value`` overrides."""
     merged: dict[str, Any] = {}
     for path in paths:
-        merged = deep_merge(merged, _load_tree(Path(path), ()), keep_markers=True)
+        merged = deep_merge(merged, _load_tree(shipped_path(path), ()), keep_markers=True)
     return apply_overrides(strip_replace_markers(merged), overrides)
 
 

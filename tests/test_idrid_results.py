@@ -11,7 +11,7 @@ import torch
 from moekit import config
 from moekit.analysis.predictions import TASK_COLOURS, balanced_picks, image_label, task_colours
 from moekit.commands.demo import check_config, replica_state
-from moekit.config import REPO_ROOT, shipped_path
+from moekit.config import SHIPPED_CONFIGS, shipped_path
 from moekit.data.idrid import LAYOUT
 from moekit.errors import ConfigError, DataError
 from moekit.projects.idrid.table import (
@@ -25,7 +25,7 @@ from moekit.projects.idrid.table import (
 )
 from moekit.types import Task, tasks_from_config
 
-IDRID = REPO_ROOT / "configs" / "idrid"
+IDRID = SHIPPED_CONFIGS / "idrid"
 TASKS = tasks_from_config(config.load(IDRID / "demo.yaml"))
 
 

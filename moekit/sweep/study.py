@@ -344,8 +344,9 @@ def _apply_profile(data: dict[str, Any], profile: str | None, where: str) -> dic
 def load_study(
     path: str | Path, profile: str | None = None, output_dir: str | Path | None = None
 ) -> Study:
-    """Parse and check a study file; every error names the file and the key."""
-    path = Path(path).resolve()
+    """Parse and check a study file (a shipped one by ``experiments/NAME.yaml`` from any
+    directory); every error names the file and the key."""
+    path = config_io.shipped_path(path).resolve()
     where = str(path)
     data = _apply_profile(config_io.read_yaml(path), profile, where)
     _check_keys(data, STUDY_KEYS, where)
