@@ -258,5 +258,22 @@ def test_registry_builds_steps_and_rejects_bad_settings():
         FundusFov((32, 48), extent="circel")
     with pytest.raises(ConfigError, match="threshold"):
         FundusFov((32, 48), threshold=300)
+    with pytest.raises(ConfigError, match="brightness"):
+        FundusFov((32, 48), brightness=-1)
     with pytest.raises(ValueError, match="geometry is for"):
         forward(np.zeros((5, 5), np.uint8), Resize((4, 4)).geometry(np.zeros((6, 6, 3))))
+
+
+def test_brightness_evens_out_exposure_and_keeps_the_surround_black():
+    width, height, center, radius, _ = SHAPES["full_circle_4_3"]
+    bright = photograph(width, height, center, radius, level=200.0, quality=None)
+    dark = photograph(width, height, center, radius, level=70.0, quality=None)
+    step = FundusFov((96, 144), brightness=150)
+    outs = [step(image)[0] for image in (bright, dark)]
+    field = forward(bright, step.geometry(bright)).max(axis=2) > 20
+    medians = [float(np.median(out.max(axis=2)[field])) for out in outs]
+    assert abs(medians[0] - 150) < 8 and abs(medians[1] - 150) < 8
+    assert all(out[:3, :3].max() < 10 for out in outs)
+    kept, geometry = FundusFov((96, 144), brightness=None)(dark)
+    np.testing.assert_array_equal(kept, forward(dark, geometry))
+    assert step(dark)[1] == geometry

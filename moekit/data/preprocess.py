@@ -23,10 +23,10 @@ Steps:
 * ``resize``: the whole photograph, resized (no crop, no padding): what non-fundus datasets do.
 * ``fundus_fov``: the circular field of view of a fundus photograph is found by thresholding
   the dark surround (:func:`find_field`), cropped to, padded with black to the aspect ratio of
-  ``image_size`` (centred) and resized. Cameras differ in how much of the circle the frame
-  shows (IDRiD's 4288×2848 photographs clip it at the top and bottom, Messidor's and many
-  others' show it whole, off-centre or small); after this step every photograph shows its
-  field the same way.
+  ``image_size`` (centred) and resized; its exposure is evened out (``brightness``). Cameras
+  differ in how much of the circle the frame shows (IDRiD's 4288×2848 photographs clip it at
+  the top and bottom, Messidor's and many others' show it whole, off-centre or small); after
+  this step every photograph shows its field the same way.
 """
 
 from __future__ import annotations
@@ -197,11 +197,13 @@ class Field:
 
     ``box``: ``(top, left, bottom, right)`` of the visible field; ``circle``: ``(cx, cy, r)``
     of the circle fitted to its rim, or ``None`` when the field is not a circle (then
-    ``box`` is all there is).
+    ``box`` is all there is); ``level``: the median of the field's brightest channel (0–255),
+    a measure of the photograph's exposure.
     """
 
     box: tuple[int, int, int, int]
     circle: tuple[float, float, float] | None
+    level: float
 
 
 def _auto_threshold(level: np.ndarray) -> float:
@@ -251,7 +253,7 @@ def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
         (level > cut).astype(np.uint8), connectivity=8
     )
     if count < 2:
-        return Field((0, 0, height, width), None)
+        return Field((0, 0, height, width), None, float(np.median(level)))
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     left, top, w, h = stats[largest, :4]
     sy, sx = height / small.shape[0], width / small.shape[1]
@@ -283,7 +285,7 @@ def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
         if residual.max() < tolerance and covered >= 0.3:
             circle = (cx * sx, cy * sy, (r + 0.5) * (sx + sy) / 2)  # + 0.5: rim pixels' edge
         break
-    return Field(box, circle)
+    return Field(box, circle, float(np.median(level[labels == largest])))
 
 
 class PreprocessStep:
@@ -316,7 +318,7 @@ class Resize(PreprocessStep):
 @PREPROCESS.register("fundus_fov")
 class FundusFov(PreprocessStep):
     """Crop a fundus photograph to its field of view, pad with black to the aspect ratio of
-    ``image_size`` (centred) and resize.
+    ``image_size`` (centred), resize and, optionally, even out the exposure.
 
     Args:
         image_size: ``(height, width)`` of the output.
@@ -328,14 +330,25 @@ class FundusFov(PreprocessStep):
             circle's whole bounding square, padding what the frame cut off with black, so
             every field becomes a whole circle as high as the output. Where no circle is found
             (:func:`find_field`), both crop to the bounding box of the bright region.
+        brightness: a level (0–255): the image is multiplied so that the median of the
+            field's brightest channel becomes that level (by a factor of 1/3 to 3), so an
+            under- or over-exposed photograph looks like the others (the black surround
+            stays black; the geometry does not change); ``null`` keeps the exposure. With
+            150 (about the replica's median) a model trained on the replica found the disc
+            on darkened photographs as well as on the others (docs/datasets.md).
     """
 
     def __init__(
-        self, image_size: Sequence[int], threshold: float | None = None, extent: str = "field"
+        self,
+        image_size: Sequence[int],
+        threshold: float | None = None,
+        extent: str = "field",
+        brightness: float | None = 150.0,
     ) -> None:
         super().__init__(image_size)
-        if threshold is not None and not 0 <= float(threshold) < 255:
-            raise ConfigError(f"preprocess.threshold: expected 0-255 or null, got {threshold!r}")
+        for key, value in (("threshold", threshold), ("brightness", brightness)):
+            if value is not None and not 0 < float(value) < 255:
+                raise ConfigError(f"preprocess.{key}: expected 0-255 or null, got {value!r}")
         if extent not in EXTENTS:
             raise ConfigError(
                 f"preprocess.extent: expected one of {', '.join(EXTENTS)}, got {extent!r}"
@@ -343,14 +356,26 @@ class FundusFov(PreprocessStep):
             )
         self.threshold = None if threshold is None else float(threshold)
         self.extent = extent
+        self.brightness = None if brightness is None else float(brightness)
 
     def geometry(self, image: np.ndarray) -> Geometry:
-        field = find_field(image, self.threshold)
+        return self._place(find_field(image, self.threshold), image.shape[:2])
+
+    def _place(self, field: Field, source_size: tuple[int, int]) -> Geometry:
         if field.circle is None:
-            return fit_aspect(field.box, image.shape[:2], self.image_size)
+            return fit_aspect(field.box, source_size, self.image_size)
         cx, cy, r = field.circle
         box = (floor(cy - r), floor(cx - r), ceil(cy + r), ceil(cx + r))
         if self.extent == "field":  # the circle as far as the frame shows it
-            height, width = image.shape[:2]
+            height, width = source_size
             box = (max(0, box[0]), max(0, box[1]), min(height, box[2]), min(width, box[3]))
-        return fit_aspect(box, image.shape[:2], self.image_size)
+        return fit_aspect(box, source_size, self.image_size)
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        field = find_field(image, self.threshold)
+        geometry = self._place(field, image.shape[:2])
+        out = forward(image, geometry)
+        if self.brightness is not None:
+            gain = min(3.0, max(1 / 3, self.brightness / max(field.level, 1.0)))
+            out = np.clip(out.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+        return out, geometry

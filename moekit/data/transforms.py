@@ -17,11 +17,11 @@ Entries:
 * ``idrid_train``: the IDRiD seed's training augmentation — resize, horizontal flip, affine
   (rotation ±18°, scale 0.8–1.1, translation ±10%, always applied), contrast ±10% (p 0.5),
   Gaussian blur σ 0.1–2 with a 7×7 kernel (p 0.3), ImageNet normalisation — and moekit's
-  photometric additions, so that a model does not learn one camera's colours: brightness,
-  saturation and hue jitter, gamma 0.7–1.4 and a white-balance gain per channel (each p 0.8),
-  JPEG compression at quality 40–95 (p 0.2). ``colour_p: 0, jpeg_p: 0`` is the seed's recipe.
-  Every colour change is multiplicative or a gamma, so the black surround of a fundus
-  photograph stays black.
+  photometric additions, so that a model does not learn one camera's colours: brightness
+  (factor 0.6–1.3), saturation and hue jitter, gamma 0.7–1.4 and a white-balance gain per
+  channel (each p 0.8), JPEG compression at quality 40–95 (p 0.2). ``colour_p: 0, jpeg_p:
+  0`` is the seed's recipe. Every colour change is multiplicative or a gamma, so the black
+  surround of a fundus photograph stays black.
 * ``eval``: resize and ImageNet normalisation only.
 """
 
@@ -103,7 +103,7 @@ def idrid_train(
     blur_sigma: Sequence[float] = (0.1, 2.0),
     blur_kernel: int = 7,
     blur_p: float = 0.3,
-    brightness: float = 0.25,
+    brightness: Sequence[float] = (0.6, 1.3),
     saturation: float = 0.25,
     hue: float = 0.03,
     gamma: Sequence[float] = (0.7, 1.4),
@@ -129,7 +129,7 @@ def idrid_train(
         blur_sigma: range of the Gaussian blur's sigma (pixels).
         blur_kernel: the blur's kernel size (odd).
         blur_p: probability of the blur.
-        brightness: maximum relative brightness change (a factor ``1 ± brightness``).
+        brightness: range of the brightness factor.
         saturation: maximum relative saturation change (a factor ``1 ± saturation``).
         hue: maximum hue shift, as a fraction of the colour circle (0.03: ±11°).
         gamma: range of the gamma exponent (``out = in ** gamma`` on 0–1 values).
@@ -156,7 +156,7 @@ def idrid_train(
             ),
             A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=contrast, p=contrast_p),
             A.ColorJitter(
-                brightness=(1 - brightness, 1 + brightness),
+                brightness=tuple(brightness),
                 contrast=(1.0, 1.0),
                 saturation=(1 - saturation, 1 + saturation),
                 hue=(-hue, hue),

@@ -280,7 +280,7 @@ class FundusPainter:
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         self._yy, self._xx = yy, xx
         self._r = np.hypot(xx - geometry.center[0], yy - geometry.center[1]) / geometry.radius
-        self.pigment = float(rng.beta(2.0, 2.0))
+        self.pigment = float(rng.beta(1.5, 1.5))
         """0: a lightly pigmented (orange, often tessellated) retina; 1: a dark one."""
 
     # ------------------------------------------------------------------ anatomy
@@ -691,7 +691,7 @@ class FundusPainter:
         masks (:data:`MASKS`: the lesions, ``cup`` inside ``OD``, ``drusen``), cut to the
         field (and its notch, if the camera has one)."""
         g, rng, cam = self.geometry, self.rng, self.camera
-        exposure = rng.uniform(0.7, 1.25)
+        exposure = float(np.exp(rng.uniform(np.log(0.45), np.log(1.3))))  # under-exposed too
         light = self._illumination()
         image = self.image * (exposure * light)[..., None]
         image += (self._reflections() * light)[..., None] * np.array([0.9, 0.95, 1.0], np.float32)
