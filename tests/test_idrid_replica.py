@@ -3,6 +3,7 @@
 import csv
 from collections import Counter
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +11,7 @@ from PIL import Image
 from moekit.cli import main
 from moekit.data.idrid import LAYOUT, LESIONS, read_grading_csv
 from moekit.data.image_io import read_mask, read_rgb
+from moekit.data.preprocess import find_field
 from moekit.data.replicas.fundus import CAMERAS, FundusGeometry, FundusPainter
 from moekit.data.replicas.idrid import (
     frame_size,
@@ -19,7 +21,7 @@ from moekit.data.replicas.idrid import (
     plan_for_grade,
     retinopathy_grade,
 )
-from moekit.errors import DataError
+from moekit.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,141 @@ def test_cli_make_idrid(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["data", "make-idrid", str(out), "--size", "64"])
+
+
+def _geometries(count=200, seed=0):
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        camera = list(CAMERAS)[i % len(CAMERAS)]
+        out.append(FundusGeometry.sample(rng, *frame_size((384, 256), camera), camera=camera))
+    return out
+
+
+def test_anatomy_has_the_proportions_of_real_eyes():
+    """Disc 1/9-1/5 of the field (1/7 at 45-50 degrees), fovea about 2.5 disc diameters
+    temporal and a little below the disc, both eyes, the disc always inside the field."""
+    geometries = _geometries()
+    ratio = np.array([g.disc_diameter / (2 * g.radius) for g in geometries])
+    wide = np.array([CAMERAS[g.camera].degrees[0] >= 40 for g in geometries])
+    assert 0.12 < np.median(ratio[wide]) < 0.165 and ratio.min() > 0.09 and ratio.max() < 0.25
+    distance = np.array(
+        [
+            np.hypot(g.disc_center[0] - g.macula_center[0], g.disc_center[1] - g.macula_center[1])
+            / g.disc_diameter
+            for g in geometries
+        ]
+    )
+    assert 2.2 < np.median(distance) < 2.8 and distance.min() > 1.7 and distance.max() < 3.4
+    assert np.mean([g.disc_center[1] < g.macula_center[1] for g in geometries]) > 0.9
+    assert 0.35 < np.mean([g.nasal > 0 for g in geometries]) < 0.65
+    for g in geometries:
+        offset = np.hypot(g.disc_center[0] - g.center[0], g.disc_center[1] - g.center[1])
+        assert offset + g.disc_radius < g.radius
+        assert g.disc_radius <= g.disc_center[1] <= g.height - g.disc_radius
+
+
+def test_the_disc_is_not_at_a_fixed_place():
+    positions = np.array(
+        [
+            (
+                (g.disc_center[0] - g.center[0]) / g.radius,
+                (g.disc_center[1] - g.center[1]) / g.radius,
+            )
+            for g in _geometries()
+        ]
+    )
+    horizontal = np.abs(positions[:, 0])
+    assert horizontal.min() < 0.2 and horizontal.max() > 0.6  # disc-centred to macula-centred
+    assert positions[:, 1].std() > 0.04
+
+
+@pytest.fixture(scope="module")
+def photographs():
+    """Painted photographs of every camera with their geometry and masks."""
+    out = []
+    for i in range(36):
+        rng = np.random.default_rng([5, i])
+        camera = list(CAMERAS)[i % len(CAMERAS)]
+        geometry = FundusGeometry.sample(rng, *frame_size((192, 128), camera), camera=camera)
+        painter = FundusPainter(geometry, rng)
+        painter.paint_anatomy()
+        if i % 3 == 0:
+            painter.add_exudate_cluster(painter.point_around(geometry.macula_center, 0, 40))
+        out.append((geometry, *painter.finish()))
+    return out
+
+
+def test_colours_are_those_of_fundus_photographs(photographs):
+    """Red above green above blue in the retina (R/G about 2, B/G about 0.5 in real sets),
+    a range of brightness, and a disc brighter than the retina around it in green."""
+    retina, lift = [], []
+    for g, photo, masks in photographs:
+        yy, xx = np.mgrid[0 : g.height, 0 : g.width]
+        field = np.hypot(xx - g.center[0], yy - g.center[1]) < 0.9 * g.radius
+        od = masks["OD"].astype(bool)
+        near = np.hypot(xx - g.disc_center[0], yy - g.disc_center[1]) < 3 * g.disc_radius
+        rgb = photo[field & ~od].astype(float).mean(axis=0)
+        retina.append(rgb)
+        lift.append(photo[od][:, 1].mean() / photo[near & field & ~od][:, 1].mean())
+    retina = np.array(retina)
+    assert (retina[:, 0] > retina[:, 1]).all() and (retina[:, 1] > retina[:, 2]).all()
+    assert 1.6 < np.median(retina[:, 0] / retina[:, 1]) < 3.0
+    assert 0.3 < np.median(retina[:, 2] / retina[:, 1]) < 0.7
+    assert retina[:, 0].min() < 120 and retina[:, 0].max() > 170  # dark and bright photographs
+    assert min(lift) > 1.05 and np.median(lift) > 1.25
+
+
+def test_bright_things_that_are_not_the_disc_exist(photographs):
+    """Exudates, reflections and flare: in some photographs part of the retina away from the
+    disc is brighter (green) than the disc's median."""
+    count = 0
+    for g, photo, masks in photographs:
+        yy, xx = np.mgrid[0 : g.height, 0 : g.width]
+        away = np.hypot(xx - g.disc_center[0], yy - g.disc_center[1]) > 2 * g.disc_radius
+        field = np.hypot(xx - g.center[0], yy - g.center[1]) < g.radius
+        disc = np.median(photo[masks["OD"].astype(bool)][:, 1])
+        count += (photo[away & field][:, 1] > disc).sum() >= 4
+    assert 0.15 * len(photographs) <= count < len(photographs)
+
+
+def test_the_field_of_view_step_finds_every_camera_s_circle(photographs):
+    for g, photo, _ in photographs:
+        field = find_field(photo)
+        assert field.circle is not None, g.camera
+        cx, cy, r = field.circle
+        error = max(abs(cx - g.center[0]), abs(cy - g.center[1]), abs(r - g.radius))
+        assert error < 0.03 * g.radius + 1, (g.camera, field.circle, g.center, g.radius)
+
+
+def test_drusen_are_yellow_deposits_at_the_macula_with_an_exact_mask():
+    rng = np.random.default_rng(3)
+    g = FundusGeometry.sample(rng, 384, 256)
+    painter = FundusPainter(g, rng)
+    painter.paint_anatomy()
+    before = painter.image.copy()
+    centres = painter.add_drusen(25)
+    drusen = painter.masks["drusen"].astype(bool)
+    assert len(centres) == 25 and drusen.any()
+    changed = np.abs(painter.image - before).max(axis=2) > 0.05
+    assert changed[drusen].mean() > 0.9  # where the mask is, the picture changed ...
+    assert (changed & ~cv2_dilate(drusen, 3)).sum() == 0  # ... and nowhere far from it
+    yy, xx = np.nonzero(drusen)
+    reach = np.hypot(xx - g.macula_center[0], yy - g.macula_center[1])
+    assert reach.max() < 1.5 * g.disc_diameter + 0.03 * g.radius
+    assert (painter.image[drusen][:, 1] > before[drusen][:, 1]).mean() > 0.9  # lighter
+    _, masks = painter.finish()
+    assert set(masks) == {"MA", "HE", "EX", "SE", "OD", "cup", "drusen"}
+
+
+def cv2_dilate(mask, pixels):
+    kernel = np.ones((2 * pixels + 1, 2 * pixels + 1), np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+
+
+def test_make_replica_cameras_argument(tmp_path):
+    root = make_idrid_replica(tmp_path / "r", 3, 0, 2, 1, size=(96, 64), cameras={"square": 1})
+    for path in LAYOUT.grading_images(root, "train").iterdir():
+        assert read_rgb(path)[1] == (64, 64)
+    with pytest.raises(ConfigError, match="cameras"):
+        make_idrid_replica(tmp_path / "s", 1, 0, 1, 0, cameras={"nikon": 1})
