@@ -3,7 +3,8 @@
 The config language (docs/configs.md):
 
 - A file may name one or more base files, ``_base_: ../base.yaml`` or a list, relative to the
-  file itself. Bases are merged in order, then the file's own keys on top.
+  file itself, or shipped configs by name (``_base_: tiny/two_task``). Bases are merged in
+  order, then the file's own keys on top.
 - Merging is deep for mappings; lists and scalars are replaced. A mapping that holds
   ``_replace_: true`` replaces the inherited mapping instead of merging into it (use it to swap a
   component, e.g. a router of another type whose arguments differ).
@@ -62,19 +63,25 @@ for _cls in (_Loader, _Dumper):
 
 def shipped_path(path: str | Path) -> Path:
     """``path`` as given when it exists (relative to the current directory), else the shipped
-    file it names, so shipped configs work from any directory of an installed moekit:
-    ``configs/idrid/demo.yaml`` or ``experiments/idrid_routing.yaml`` (a path inside the
-    package), or a config's name ``idrid/demo`` (``moekit configs`` lists them); unchanged when
-    none exists (the caller's error then names it)."""
+    file it names (:func:`shipped_file`), so shipped configs work from any directory of an
+    installed moekit; unchanged when none exists (the caller's error then names it)."""
     path = Path(path)
     if path.exists() or path.is_absolute():
         return path
-    inside = SHIPPED_ROOT / path if path.parts[0] in ("configs", "experiments") else None
+    return shipped_file(path) or path
+
+
+def shipped_file(path: str | Path) -> Path | None:
+    """The shipped file ``path`` names, or ``None``: ``configs/idrid/demo.yaml`` or
+    ``experiments/idrid_routing.yaml`` (a path inside the package), or a config's name
+    ``idrid/demo`` (``moekit configs`` lists them)."""
+    path = Path(path)
+    inside = SHIPPED_ROOT / path if path.parts[:1] in (("configs",), ("experiments",)) else None
     named = SHIPPED_CONFIGS / (path if path.suffix in (".yaml", ".yml") else f"{path}.yaml")
     for shipped in (inside, named):
         if shipped is not None and shipped.is_file():
             return shipped
-    return path
+    return None
 
 
 def parse_yaml(text: str) -> Any:
@@ -159,7 +166,12 @@ def _load_tree(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
     for base in bases:
         base_path = path.parent / base
         if not base_path.is_file():
-            raise ConfigError(f"{path}: _base_ file '{base}' not found (looked at {base_path})")
+            base_path = shipped_file(base) or base_path
+        if not base_path.is_file():
+            raise ConfigError(
+                f"{path}: _base_ file '{base}' not found (looked at {path.parent / base} and "
+                "the shipped configs)"
+            )
         merged = deep_merge(merged, _load_tree(base_path, (*stack, path)), keep_markers=True)
     return deep_merge(merged, data, keep_markers=True)
 

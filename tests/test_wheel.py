@@ -17,6 +17,7 @@ from moekit import config
 from moekit.cli import main
 from moekit.commands.configs import description, shipped_configs
 from moekit.config import SHIPPED_CONFIGS, SHIPPED_ROOT, shipped_path
+from moekit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "moekit")
@@ -36,6 +37,15 @@ def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatc
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "two_task.yaml").write_text("name: mine\n")
     assert config.load("tiny/two_task.yaml")["name"] == "mine"  # a local file wins
+
+
+def test_a_base_may_name_a_shipped_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text("_base_: tiny/two_task\nname: mine\n")
+    cfg = config.load(tmp_path / "mine.yaml")
+    assert cfg["name"] == "mine" and cfg["model"]["type"] == "tiny_mtl"
+    (tmp_path / "bad.yaml").write_text("_base_: tiny/nope\n")
+    with pytest.raises(ConfigError, match="'tiny/nope' not found"):
+        config.load(tmp_path / "bad.yaml")
 
 
 def test_configs_command_lists_runnable_configs_and_studies(capsys):
