@@ -1,5 +1,6 @@
 """Figures: moekit viz on a trained run, heatmaps of single-gate layers, pruning curves."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -135,3 +136,89 @@ def test_figure_names_spell_out_symbols(key, name):
     from moekit.engine.curves import figure_name
 
     assert figure_name(key) == name
+
+
+def _captured_axes(monkeypatch):
+    """The lines of every axes of every figure the curves draw (recorded before saving)."""
+    drawn: dict[str, list[list]] = {}
+    save = curves._save
+
+    def record(fig, path):
+        drawn[path.name] = [ax.get_lines() and list(ax.get_lines()) for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(curves, "_save", record)
+    return drawn
+
+
+def test_curves_keep_a_handful_of_lines_per_plot(tmp_path, monkeypatch):
+    drawn = _captured_axes(monkeypatch)
+    classes = [f"class{c}" for c in range(21)]
+    rows = []
+    for epoch in (1, 2, 3):
+        for split in ("train", "val"):
+            row = {"epoch": epoch, "split": split, "loss": 1.0 / epoch, "semseg/miou": 0.3}
+            row["semseg/miou/per_image"] = 0.25
+            row |= {f"semseg/miou/{c}": 0.01 * i for i, c in enumerate(classes)}
+            row |= {f"semseg/miou/per_image/{c}": 0.02 * i for i, c in enumerate(classes)}
+            rows.append(row)
+    metrics = tmp_path / "metrics.csv"
+    pd.DataFrame(rows).to_csv(metrics, index=False)
+    written = [p.name for p in curves.plot_curves(metrics, tmp_path)]
+    assert written == ["loss.png", "semseg_miou.png", "semseg_miou_per_class.png"]
+    assert all(len(lines) <= 2 * curves.MAX_SERIES for axes in drawn.values() for lines in axes)
+    main = drawn["semseg_miou.png"][0]
+    assert len(main) == 4  # the mean and per image, train and val
+    by_label = {line.get_label(): line for line in main}
+    assert by_label["miou (train)"].get_color() == by_label["miou (val)"].get_color()
+    assert by_label["miou (train)"].get_linestyle() != by_label["miou (val)"].get_linestyle()
+    panels = [lines for lines in drawn["semseg_miou_per_class.png"] if lines]
+    assert len(panels) == len(classes) and all(len(lines) == 2 for lines in panels)
+
+
+@pytest.mark.parametrize(
+    "values, unit, low, high",
+    [
+        ([0.5625, 0.5630], True, 0.50775, 0.61775),  # noise in the 4th decimal stays flat
+        ([0.99, 1.0], True, 0.895, 1.005),  # widened to 0.1, kept inside [0, 1], 5% margin
+        ([0.0, 0.0], True, -0.005, 0.105),
+        ([2.0, 5.0], False, 1.85, 5.15),  # a real change keeps its own range
+        ([0.01, 0.01], False, 0.00945, 0.01055),  # a constant learning rate: a tenth of it
+    ],
+)
+def test_y_limits_have_a_minimum_span(values, unit, low, high):
+    assert curves.y_limits(np.array(values), unit) == pytest.approx((low, high), abs=1e-9)
+    assert curves.y_limits(np.array([np.nan]), unit) is None
+
+
+def test_a_chart_marks_the_best_bar_only_when_it_is_clear_of_the_others():
+    from moekit.sweep.results import separated_best
+
+    frame = pd.DataFrame(
+        {
+            "variant": ["a", "b", "c"],
+            "acc": [0.50, 0.70, 0.60],
+            "acc std": [0.02, 0.03, 0.02],
+        }
+    )
+    three = {"a": 3, "b": 3, "c": 3}
+    assert separated_best(frame, "acc", True, three) == "b"
+    assert separated_best(frame, "acc", False, three) == "a"
+    assert separated_best(frame, "acc", True, {"a": 1, "b": 1, "c": 1}) is None  # one seed
+    close = frame.assign(**{"acc std": [0.02, 0.09, 0.02]})  # 0.61 < 0.62: overlap
+    assert separated_best(close, "acc", True, three) is None
+    assert separated_best(frame, "acc", None, three) is None
+
+
+def test_prediction_titles_say_right_wrong_or_unlabelled():
+    from moekit.analysis.predictions import image_title
+
+    grade = Task.from_config(
+        "rg", {"kind": "multiclass", "num_classes": 3, "class_names": ["none", "mild", "severe"]}
+    )
+    logits = torch.tensor([0.1, 2.0, 0.3])
+    assert image_title(grade, logits, torch.tensor(1)) == "rg: 1 mild ✓"
+    assert image_title(grade, logits, torch.tensor(2)) == "rg: 1 mild ✗ (true 2 severe)"
+    assert image_title(grade, logits, None) == "rg: 1 mild (no label)"
+    age = Task.from_config("age", {"kind": "regression", "num_classes": 1})
+    assert image_title(age, torch.tensor([0.61]), torch.tensor([0.58])) == "age: 0.61 (true 0.58)"

@@ -138,43 +138,67 @@ def better_direction(row: pd.Series) -> str | None:
     return "lower" if str(row.get("metric", "")).endswith("loss") else None
 
 
+def _parameter_scale(count: float) -> tuple[float, str]:
+    """Divide parameter counts by this and name the unit (``M`` above 10⁵, ``k`` above 10³)."""
+    if count >= 1e5:
+        return 1e6, "M"
+    if count >= 1e3:
+        return 1e3, "k"
+    return 1.0, ""
+
+
 def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
     """Metric against parameters of extracted models (Mod-Squad Fig. 3): one line per rule
     (threshold θ, keep-top H), the full model as a star and a dashed line. The y axis and
-    the title say whether higher or lower is better."""
+    the title say whether higher or lower is better; the y-range spans at least a tenth of the
+    unit interval for scores in ``[0, 1]`` (:func:`moekit.engine.curves.y_limits`), so a
+    difference in the third decimal does not look like a cliff."""
+    from moekit.engine.curves import y_limits
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     first = frame.iloc[0]
-    for offset, (column, label, unit) in enumerate(
+    scale, unit = _parameter_scale(float(frame[["params_before", "params_after"]].max().max()))
+    for offset, (column, label, symbol) in enumerate(
         (("threshold", "threshold θ", "θ="), ("keep_top", "keep top H", "H="))
     ):
         rows = frame[frame[column].notna()].sort_values("params_after")
         if rows.empty:
             continue
-        ax.plot(rows["params_after"], rows["metric_after"], marker="o", label=label)
+        ax.plot(rows["params_after"] / scale, rows["metric_after"], marker="o", label=label)
         points = rows.groupby(["params_after", "metric_after"], sort=False)[column]
-        for (params, metric), values in points:  # one label per point: "θ=0%, 0.1%"
-            text = unit + ", ".join(f"{v * 100:g}%" for v in sorted(values))
+        for n, ((params, metric), values) in enumerate(points):  # one label per point
+            text = symbol + ", ".join(f"{v * 100:g}%" for v in sorted(values))
+            # θ labels above the points, H labels below, neighbours at alternating heights
+            height = 6 + 10 * (n % 2)
             ax.annotate(
                 text,
-                (params, metric),
+                (params / scale, metric),
                 textcoords="offset points",
-                xytext=(4, 4 - 12 * offset),
-                fontsize=7,
+                xytext=(0, height if offset == 0 else -height - 8),
+                ha="center",
+                fontsize=8,
             )
     ax.axhline(first["metric_before"], color="grey", linestyle="--", linewidth=1)
     ax.plot(
-        [first["params_before"]],
+        [first["params_before"] / scale],
         [first["metric_before"]],
         "*",
         color="black",
-        markersize=10,
+        markersize=11,
         label="full multi-task model",
     )
+    values = np.concatenate([frame["metric_after"].to_numpy(float), [first["metric_before"]]])
+    finite = values[np.isfinite(values)]
+    unit_interval = finite.size > 0 and bool(((finite >= 0) & (finite <= 1)).all())
+    limits = y_limits(values, unit_interval)
+    if limits is not None:
+        low, high = limits
+        ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))  # room for labels
     better = better_direction(first)
-    ax.set_xlabel("parameters of the extracted model")
+    ax.set_xlabel(f"parameters of the extracted model{f' ({unit})' if unit else ''}")
     ax.set_ylabel(f"{first['metric']}{f' ({better} is better)' if better else ''}")
-    ax.set_title(f"pruning task '{first['task']}'" + (f": {better} is better" if better else ""))
+    ax.set_title(f"extracting task '{first['task']}'" + (f": {better} is better" if better else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower right")
     return save_figure(fig, Path(path))

@@ -1,14 +1,16 @@
 """Prediction overlays: image, ground truth and prediction of every dense task, for a few images.
 
-Like the IDRiD seed's Figures 4 and 5: one row per image; the first column is the image with
-the image-level predictions in its title (``pred / true``, class names where the task has
-``class_names``, ``-1`` where the image has no label, as for IDRiD's segmentation images
-without a grade); then for every dense task the ground truth and the prediction over the image.
+Like the IDRiD paper's Figures 4 and 5: one row per image; the first column is the image with
+the image-level predictions in its title (``rg: 2 moderate ✓``, or ``✗ (true 1 mild)``, class
+names where the task has ``class_names``, ``no label`` where the image has none, as for IDRiD's
+segmentation images without a grade); then for every dense task the ground truth and the
+prediction over the image, the columns named once in the first row.
 Binary masks are ``sigmoid(logits) > threshold`` (:func:`moekit.metrics.base.above_threshold`,
 the metrics' rule; ``threshold`` is ``eval.threshold``, default 0.5), each binary task in its
 own colour so that a lesion stays visible on a fundus of any hue; multi-class maps take the
-arg-max (one colour per class), dense regression maps are drawn as heat maps. A task without
-ground truth on an image shows the bare image. When the dataset tells each sample's source
+arg-max (one colour per class), dense regression maps are drawn as heat maps on one colour
+scale per image (a colour bar beside the prediction). A task without ground truth on an image
+shows the bare image, marked "no ground truth". When the dataset tells each sample's source
 (``dataset.sources``, as IDRiD's grading and segmentation images), the images are drawn from
 every source in turn, so both kinds are shown.
 """
@@ -126,7 +128,8 @@ def _overlay(
 
 
 def _legend(ax, task: Task) -> None:
-    """Class colours of a multi-class segmentation task (class names if the config has them)."""
+    """Class colours of a multi-class segmentation task (class names if the config has them),
+    below the figure."""
     from matplotlib.patches import Patch
 
     names = task.options.get("class_names") or [str(c) for c in range(task.num_classes)]
@@ -134,7 +137,42 @@ def _legend(ax, task: Task) -> None:
         Patch(color=class_colour(c, task.num_classes), label=str(names[c]))
         for c in range(1, task.num_classes)
     ]
-    ax.legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.7)
+    ax.figure.legend(
+        handles=handles,
+        title=f"{task.name} classes",
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncols=min(len(handles), 8),
+        fontsize=9,
+        frameon=False,
+    )
+
+
+def _no_ground_truth(ax) -> None:
+    ax.text(
+        0.5,
+        0.5,
+        "no ground truth",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=9,
+        color="white",
+        bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"},
+    )
+
+
+def _colour_bar(ax, shown=None) -> None:
+    """A colour bar beside ``ax`` (an empty slot of the same width without ``shown``, so the
+    ground truth and the prediction panels keep one size)."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    slot = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.04)
+    if shown is None:
+        slot.axis("off")
+    else:
+        ax.figure.colorbar(shown, cax=slot)
+        slot.tick_params(labelsize=7)
 
 
 def _draw_dense(
@@ -152,8 +190,8 @@ def _draw_dense(
     truth_ax, pred_ax = axes
     prediction = dense_map(task, pred, False, threshold)
     target = None if truth is None else dense_map(task, truth, True)
-    truth_ax.set_title(f"{task.name}: " + ("no ground truth" if truth is None else "ground truth"))
-    pred_ax.set_title(f"{task.name}: prediction")
+    if target is None:
+        _no_ground_truth(truth_ax)
     if task.kind == "segmentation":
         classes = max(task.num_classes, 2)
         if target is None:
@@ -171,7 +209,24 @@ def _draw_dense(
     else:
         truth_ax.imshow(target, cmap="viridis", **scale)
     shown = pred_ax.imshow(prediction, cmap="viridis", **scale)
-    pred_ax.figure.colorbar(shown, ax=pred_ax, fraction=0.046, pad=0.02)
+    _colour_bar(truth_ax)
+    _colour_bar(pred_ax, shown)
+
+
+def image_title(
+    task: Task, pred: Tensor, truth: Tensor | None, threshold: float = DEFAULT_THRESHOLD
+) -> str:
+    """``rg: 2 moderate ✓``, ``rg: 3 severe ✗ (true 2 moderate)``, ``rg: 3 severe (no label)``;
+    a regression value with its truth beside it (``age: 0.61 (true 0.58)``)."""
+    predicted = image_label(task, pred, False, threshold)
+    if truth is None:
+        return f"{task.name}: {predicted} (no label)"
+    true = image_label(task, truth, True)
+    if task.kind == "regression":
+        return f"{task.name}: {predicted} (true {true})"
+    if predicted == true:
+        return f"{task.name}: {predicted} ✓"
+    return f"{task.name}: {predicted} ✗ (true {true})"
 
 
 def balanced_picks(dataset: Dataset, count: int) -> list[int]:
@@ -230,20 +285,16 @@ def plot_predictions(
     image_level = [name for name in tasks if name not in dense]
     colours = task_colours(tasks)
     cols = 1 + 2 * len(dense)
-    title_lines = max(len(image_level), 1)
-    height = 2.4 + 0.15 * title_lines
-    fig, axes = plt.subplots(count, cols, figsize=(2.4 * cols, height * count + 0.4), squeeze=False)
+    height = 2.6 + 0.18 * max(len(image_level), 1)
+    fig, axes = plt.subplots(count, cols, figsize=(2.6 * cols, height * count + 0.6), squeeze=False)
     for row in range(count):
         image = display_image(batch.inputs[row])
-        labels = []
+        titles = []
         for name in image_level:
-            task = tasks[name]
-            labelled = bool(batch.labelled(name)[row])
-            true = image_label(task, batch.targets[name][row], True) if labelled else "-1"
-            pred = image_label(task, preds[name][row], False, threshold)
-            labels.append(f"{name}: {pred} / {true}")
+            truth = batch.targets[name][row] if bool(batch.labelled(name)[row]) else None
+            titles.append(image_title(tasks[name], preds[name][row], truth, threshold))
         axes[row, 0].imshow(image)
-        axes[row, 0].set_title("\n".join(labels) or f"image {picks[row]}", fontsize=8)
+        axes[row, 0].set_title("\n".join(titles) or f"image {picks[row]}", fontsize=9)
         for i, name in enumerate(dense):
             truth = batch.targets[name][row] if bool(batch.labelled(name)[row]) else None
             axes_pair = (axes[row, 1 + 2 * i], axes[row, 2 + 2 * i])
@@ -257,17 +308,19 @@ def plot_predictions(
                 threshold=threshold,
                 colour=colours.get(name),
             )
+            if row == 0:
+                axes_pair[0].set_title(f"{name}\nground truth", fontsize=10)
+                axes_pair[1].set_title(f"{name}\nprediction", fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.title.set_fontsize(8)
-    fig.suptitle(
-        f"predictions (image-level: prediction / truth, -1 = no label; masks: p > {threshold:g})",
-        fontsize=9,
-    )
+    notes = ["image-level: ✓ right, ✗ wrong"] if image_level else []
+    if any(tasks[n].kind == "segmentation" for n in dense):
+        notes.append(f"masks: p > {threshold:g}")
+    fig.suptitle(f"predictions on {count} images ({'; '.join(notes)})", fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -5,7 +5,9 @@ column the mean and the standard deviation over seeds (``<label>`` and ``<label>
 sample std, ``ddof = 1``; empty with one seed). ``results.md`` shows ``mean ± std`` with the
 best value of each column in bold (by the column's direction: a task metric's own, lower for
 FLOPs and parameters, higher for Δ; columns without a direction mark nothing), and lists the
-errors of failed variants below the table.
+errors of failed variants below the table. ``figures/<column>.png`` is a bar chart per column:
+error bars only where a variant ran with several seeds, and a best bar (red) only where its
+interval is clear of every other variant's (:func:`separated_best`), never with one seed.
 
 A ``delta`` column is the multi-task Δ (Maninis et al. 2019; Mod-Squad's Δ_t) of each run
 against the mean over seeds of the named baseline variants, in percent, with the variant
@@ -201,15 +203,45 @@ def markdown(study: Study, frame: pd.DataFrame, directions: Mapping[str, bool | 
     return "\n".join(lines) + "\n"
 
 
+def separated_best(
+    frame: pd.DataFrame, label: str, higher: bool | None, seeds: Mapping[str, int]
+) -> str | None:
+    """The variant a chart marks best in column ``label``: the best mean, only when it ran with
+    several seeds and its interval (mean ± std) lies clear of every other variant's (a variant
+    with one seed counts as its value). With one seed, or overlapping intervals, the
+    difference is within the noise and no bar is marked."""
+    values = frame[frame[label].map(math.isfinite)]
+    if higher is None or len(values) < 2:
+        return None
+    index = values[label].idxmax() if higher else values[label].idxmin()
+    best = values.loc[index]
+    spread = values[f"{label} std"].fillna(0.0)
+    if seeds.get(best["variant"], 0) < 2 or not math.isfinite(best[f"{label} std"]):
+        return None
+    others = values.drop(index)
+    if higher:
+        clear = (best[label] - spread[index]) > (others[label] + spread.drop(index)).max()
+    else:
+        clear = (best[label] + spread[index]) < (others[label] - spread.drop(index)).min()
+    return str(best["variant"]) if clear else None
+
+
+def _seeds_finished(frame: pd.DataFrame) -> dict[str, int]:
+    """``{variant: seeds finished}`` from the ``runs`` column (``"2/3"``)."""
+    return {row["variant"]: int(str(row["runs"]).split("/")[0]) for _, row in frame.iterrows()}
+
+
 def plot_columns(
     study: Study, frame: pd.DataFrame, directions: Mapping[str, bool | None], out_dir: Path
 ) -> list[Path]:
-    """A bar chart per column with a value: mean over seeds, std as error bars, best in red."""
+    """A bar chart per column with a value: the mean over seeds, error bars (± std) only for
+    variants with several seeds, and the best bar in red only where it is clear of the others
+    (:func:`separated_best`); the subtitle says which case the chart shows."""
     from moekit.analysis.figures import pyplot, save_figure
     from moekit.engine.curves import figure_name
 
     plt = pyplot()
-    best = best_variants(frame, directions)
+    seeds = _seeds_finished(frame)
     written = []
     for column in study.columns:
         label = column.label
@@ -218,26 +250,41 @@ def plot_columns(
             continue
         names = list(shown["variant"])
         values = list(shown[label])
-        errors = list(shown[f"{label} std"].fillna(0.0))
-        fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(names) + 1.5), 3.6))
-        colours = ["tab:red" if best.get(label) == n else "tab:blue" for n in names]
-        ax.bar(range(len(names)), values, yerr=errors, color=colours, capsize=3)
+        errors = [e if math.isfinite(e) else math.nan for e in shown[f"{label} std"]]
+        best = separated_best(shown, label, directions[label], seeds)
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(names) + 1.5), 3.8))
+        colours = ["tab:red" if best == n else "tab:blue" for n in names]
+        ax.bar(range(len(names)), values, color=colours)
+        spread = [(i, v, e) for i, (v, e) in enumerate(zip(values, errors, strict=True)) if e > 0]
+        if spread:
+            xs, ys, es = zip(*spread, strict=True)
+            ax.errorbar(xs, ys, yerr=es, fmt="none", ecolor="black", capsize=3, linewidth=1)
         for i, (value, error) in enumerate(zip(values, errors, strict=True)):
-            top = value + error if value >= 0 else value - error
+            reach = error if error > 0 else 0.0
+            top = value + reach if value >= 0 else value - reach
             ax.annotate(
                 f"{value:.3g}",
                 (i, top),
                 ha="center",
                 va="bottom" if value >= 0 else "top",
-                fontsize=7,
+                fontsize=8,
                 xytext=(0, 2 if value >= 0 else -2),
                 textcoords="offset points",
             )
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=9)
         arrow = {True: " (higher is better)", False: " (lower is better)", None: ""}
+        most = max(seeds.get(n, 0) for n in names)
+        if most < 2:
+            note = "one seed: no error bars, no best marked"
+        elif best is None:
+            note = f"mean ± std over up to {most} seeds; no variant is clear of the others"
+        else:
+            note = f"mean ± std over up to {most} seeds; red: best, clear of the others"
         ax.set_ylabel(label)
-        ax.set_title(f"{study.name}: {label}{arrow[directions[label]]}", fontsize=10)
+        ax.set_title(f"{study.name}: {label}{arrow[directions[label]]}\n{note}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.12)
         written.append(save_figure(fig, out_dir / figure_name(label)))
     return written
 
