@@ -31,11 +31,9 @@ from moekit.analysis.extraction import prune_model
 from moekit.analysis.usage import ExpertUsage
 from moekit.data.collate import collate_samples
 from moekit.engine import checkpoint
-from moekit.engine.evaluation import evaluate_loop
+from moekit.engine.evaluation import evaluate_model
 from moekit.engine.experiment import build_model as build_config_model
-from moekit.engine.experiment import build_task_losses
-from moekit.engine.objective import MultiTaskObjective
-from moekit.registry import WEIGHTINGS, import_user_modules
+from moekit.registry import import_user_modules
 from moekit.types import Batch, Task, parse_tasks
 
 
@@ -97,24 +95,8 @@ def evaluate(
     "<task>/loss": ..., "loss": ...}``, the columns of a run's ``metrics.csv``. No run
     directory, no accelerator: the model runs where its parameters are (or on ``device``),
     in bf16 autocast with ``mixed_precision="bf16"``."""
-    tasks = parse_tasks(tasks)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    weighting = WEIGHTINGS.build({"type": "equal"}, tasks=tasks)
-    objective = MultiTaskObjective(model, tasks, build_task_losses(tasks), weighting)
-    objective.to(device)
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, torch.bfloat16, enabled=mixed_precision == "bf16")
-
-    return evaluate_loop(
-        model,
-        objective,
-        _batches(data, batch_size),
-        tasks,
-        threshold=threshold,
-        autocast=autocast,
-        device=device,
+    return evaluate_model(
+        model, _batches(data, batch_size), parse_tasks(tasks), threshold, device, mixed_precision
     )
 
 

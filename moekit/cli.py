@@ -15,7 +15,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, Preempted
+
+PREEMPTED_STATUS = 143
+"""Exit status after a SIGTERM that saved a resumable checkpoint (128 + SIGTERM, as a shell
+reports a process ended by the signal)."""
 
 COMMAND_MODULES = (
     "moekit.commands.listing",
@@ -56,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, Preempted):
+            print(f"moekit: {message}", file=sys.stderr)
+            return PREEMPTED_STATUS
         print(f"moekit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,6 +35,18 @@ class TrainingError(MoekitError):
     """Training cannot go on (for example a non-finite loss)."""
 
 
+class Preempted(TrainingError):
+    """Training stopped on SIGTERM after saving a checkpoint that resumes exactly."""
+
+
+class WriteError(MoekitError):
+    """A file could not be written (disk full, read-only, permissions); nothing was replaced."""
+
+
+class BusyError(MoekitError):
+    """Another moekit process owns the run directory."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest choices, or ``""`` when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)

@@ -319,7 +319,10 @@ def test_prune_command_at_theta_zero(tmp_path_factory, tmp_path, capsys):
     assert list(tasks) == ["cls"] and cfg["model"]["type"] == "pruned"
     assert main(["eval", str(out), "--split", "val"]) == 0
     assert "val/cls/accuracy" in capsys.readouterr().out
-    assert main(["prune", str(run), "--task", "cls", "--threshold", "0", "--out", str(out)]) == 0
+    again = ["prune", str(run), "--task", "cls", "--threshold", "0", "--out", str(out)]
+    assert main(again) == 2  # an existing --out is replaced only when asked
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
     table = capsys.readouterr().out
     assert "parameters" in table and "max |output diff|" in table
 
@@ -357,10 +360,10 @@ def test_thresholds_on_a_known_usage(extraction, tmp_path):
 
 
 def test_sweep_draws_the_pruning_curve(extraction, tmp_path):
-    frame, figure = extraction.sweep([0.0, 0.6], [0.5], out=tmp_path)
+    frame, figure = extraction.sweep([0.0, 0.6], [0.5], out=tmp_path / "sweep")
     assert figure.is_file() and figure.stat().st_size > 10_000
     assert list(frame["rule"]) == ["theta0", "theta0.6", "top50"]
-    assert (tmp_path / "sweep.csv").is_file()
+    assert (tmp_path / "sweep" / "sweep.csv").is_file()
 
 
 def test_unknown_task_is_a_one_line_error(tmp_path_factory, capsys):

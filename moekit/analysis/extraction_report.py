@@ -53,8 +53,10 @@ from moekit.analysis.runs import TrainedRun, check_task, input_batch_size, only_
 from moekit.analysis.usage import ExpertUsage, collect_usage
 from moekit.engine import checkpoint as ckpt_io
 from moekit.engine.rundir import json_safe
+from moekit.errors import ConfigError
 from moekit.fileio import atomic_write_text, replace_dir
 from moekit.moe import moe_layers
+from moekit.sections import settings
 
 PAPER_THRESHOLDS = (0.0, 0.001, 0.05, 0.2, 0.5, 0.9)
 """θ of Mod-Squad's Fig. 3 (0%, 0.1%, 5%, 20%, 50%, 90%): usage frequencies
@@ -70,8 +72,21 @@ def rule_name(threshold: float | None, keep_top: float | None, reduce_k: bool) -
     return name + ("-k" if reduce_k else "")
 
 
+def claim_output(out: Path, source: Path, overwrite: bool) -> None:
+    """Check that ``out`` may be written: never the source run (or a folder holding it), and
+    an existing ``out`` only with ``overwrite`` (a command replaces only what it was told to)."""
+    out_abs, source_abs = out.resolve(), source.resolve()
+    if out_abs == source_abs or out_abs in source_abs.parents:
+        raise ConfigError(f"--out {out}: that is the source run (or holds it); choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out}: already exists; pass --overwrite to replace it")
+
+
 def save_pruned(out: Path, model: nn.Module, cfg: dict[str, Any], source: Path) -> Path:
-    """Write the extracted model as a run directory (replacing ``out`` atomically)."""
+    """Write the extracted model as a run directory (replacing ``out`` atomically: the caller
+    claimed it with :func:`claim_output`)."""
     staging = out.with_name(f".{out.name}.tmp")
     if staging.exists():
         shutil.rmtree(staging)
@@ -175,6 +190,8 @@ class TaskExtraction:
     ) -> None:
         self.run = TrainedRun.load(run_dir, checkpoint)
         check_task(list(self.run.tasks), task, run_dir)
+        if not moe_layers(self.run.model):
+            raise ConfigError(f"{run_dir}: the model has no MoE layer; there is no expert to drop")
         self.task, self.split, self.profile_split = task, split, profile_split
         self.profile = self.run.loader(profile_split)
         self.usage = (
@@ -191,7 +208,7 @@ class TaskExtraction:
         self.inputs = next(iter(self.profile)).inputs
         self.spec = self.run.tasks[task].metrics[0] if self.run.tasks[task].metrics else None
         single, mask = task_alone(self.run.model, self.inputs, list(self.run.tasks), task)
-        measured = self._measure(single, mask, self.run.path, checkpoint)
+        measured = self._measure(single, mask)
         self.before = {
             **measured,
             "params": count_parameters(self.run.model),
@@ -203,11 +220,14 @@ class TaskExtraction:
         """The reported metric, ``<split>/<task>/<first metric>`` (or the task's loss)."""
         return f"{self.split}/{self.task}/{self.spec.name if self.spec else 'loss'}"
 
-    def _measure(
-        self, model: nn.Module, task_mask: dict | None, run_dir: Path, which: str
-    ) -> dict[str, Any]:
-        from moekit.engine import evaluate_run
+    def _measure(self, model: nn.Module, task_mask: dict | None) -> dict[str, Any]:
+        """Parameters, active parameters and FLOPs for ``T`` alone, and ``T``'s metric on the
+        evaluation split (one evaluation of the model in memory)."""
+        from moekit.engine.evaluation import evaluate_model
 
+        tasks = {self.task: self.run.tasks[self.task]}
+        threshold = settings(self.run.cfg, "eval")["threshold"]
+        values = evaluate_model(model, self.run.loader(self.split), tasks, threshold, "cpu")
         records = routing_records(model, self.inputs, task_mask)
         flops = count_flops(model, self.inputs, task_mask).total
         return {
@@ -215,7 +235,7 @@ class TaskExtraction:
             "active_params": active_parameters(model, records),
             "flops": round(flops / input_batch_size(self.inputs)),
             "experts": sum(layer.num_experts for _, layer in moe_layers(model)),
-            "metric": evaluate_run(run_dir, self.split, which)[self.metric],
+            "metric": values[self.metric.split("/", 1)[1]],
         }
 
     def max_abs_diff(self, pruned: nn.Module) -> float:
@@ -235,13 +255,16 @@ class TaskExtraction:
         keep_top: float | None = None,
         reduce_k: bool = False,
         out: str | Path | None = None,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
-        """Apply one rule, save the model to ``out`` and return the report."""
+        """Apply one rule, save the model to ``out`` (an existing ``out`` only with
+        ``overwrite``) and return the report."""
         from moekit.engine import load_model
 
         check_rule(threshold, keep_top)
         rule = rule_name(threshold, keep_top, reduce_k)
         out = Path(out) if out is not None else self.run.path / "pruned" / f"{self.task}-{rule}"
+        claim_output(out, self.run.path, overwrite)
         pruned, specs = prune_model(
             self.run.model, self.usage, self.task, threshold, keep_top, reduce_k
         )
@@ -250,7 +273,7 @@ class TaskExtraction:
         save_pruned(out, pruned, cfg, source)
         self.usage.save(out / "usage")
         reloaded, _, _ = load_model(out)
-        after = self._measure(reloaded, None, out, "best")
+        after = self._measure(reloaded, None)
         report = {
             "run": str(self.run.path),
             "checkpoint": self.run.checkpoint,
@@ -281,17 +304,21 @@ class TaskExtraction:
         keep_tops: Iterable[float] = PAPER_KEEP_TOPS,
         reduce_k: bool = False,
         out: str | Path | None = None,
+        overwrite: bool = False,
     ) -> tuple[pd.DataFrame, Path]:
         """Extract with every threshold and keep-top fraction; write ``sweep.csv`` and the
         pruning curve ``pruning_curve.png`` into ``out``. Returns the table and the figure."""
         from moekit.analysis.figures import plot_pruning_curve
 
         root = Path(out) if out is not None else self.run.path / "pruned" / f"{self.task}-sweep"
+        claim_output(root, self.run.path, overwrite)
+        if root.exists():
+            shutil.rmtree(root)  # claimed: the user asked to replace it
         rules = [(t, None) for t in thresholds] + [(None, h) for h in keep_tops]
         rows = []
         for threshold, keep_top in rules:
             name = rule_name(threshold, keep_top, reduce_k)
-            report = self.extract(threshold, keep_top, reduce_k, root / name)
+            report = self.extract(threshold, keep_top, reduce_k, root / name, overwrite=True)
             rows.append({k: v for k, v in report.items() if k != "layers"})
         frame = pd.DataFrame(rows)
         atomic_write_text(root / "sweep.csv", frame.to_csv(index=False))

@@ -70,14 +70,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
     parser.add_argument("--usage", help="a usage.safetensors (or its folder) instead of counting")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/pruned/<task>-<rule>)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (never the source run or a folder holding it)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.analysis.extraction import check_rule
+    from moekit.engine.rundir import run_lock
+
+    if not args.sweep:
+        check_rule(args.threshold, args.keep_top)  # fail before the model is loaded
+    with run_lock(args.run_dir, "moekit prune"):  # the default --out lies in the run
+        return _extract(args)
+
+
+def _extract(args: argparse.Namespace) -> int:
     import json
 
-    from moekit.analysis.extraction import check_rule
     from moekit.analysis.extraction_report import (
         PAPER_KEEP_TOPS,
         PAPER_THRESHOLDS,
@@ -86,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from moekit.engine.rundir import json_safe
 
-    if not args.sweep:
-        check_rule(args.threshold, args.keep_top)  # fail before the model is loaded
     extraction = TaskExtraction(
         args.run_dir, args.task, args.split, args.profile_split, args.checkpoint, args.usage
     )
@@ -97,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             PAPER_KEEP_TOPS if args.keep_tops is None else args.keep_tops,
             args.reduce_k,
             args.out,
+            args.overwrite,
         )
         if args.json:
             rows = json_safe(frame.to_dict("records"))
@@ -106,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(frame[columns].to_string(index=False))
         print(f"curve: {figure}")
         return 0
-    report = extraction.extract(args.threshold, args.keep_top, args.reduce_k, args.out)
+    report = extraction.extract(
+        args.threshold, args.keep_top, args.reduce_k, args.out, args.overwrite
+    )
     print(json.dumps(json_safe(report)) if args.json else format_report(report))
     return 0

@@ -6,14 +6,19 @@ A checkpoint is a directory::
     objective.safetensors  learned non-model state (e.g. uncertainty log-variances)
     optimizer.bin, scheduler.bin, random_states_<process>.pkl
                            optimizer, LR scheduler and RNG states (accelerate save_state)
-    trainer_state.json     completed epochs, optimizer steps, best value so far
+    trainer_state.json     completed epochs, optimizer steps, best value so far, batches of
+                           the current epoch (0 at an epoch's end), the metrics history
+    epoch_progress.safetensors
+                           only in a checkpoint saved mid-epoch (on SIGTERM): the epoch's
+                           training statistics so far, so the resumed epoch ends as it would have
     config.yaml            the resolved config the weights belong to
 
 It is written into a staging directory beside its final place and renamed over it
 (:func:`moekit.fileio.replace_dir`), so a kill during a save leaves the previous checkpoint
 complete (under its name, or ``<name>.old`` during the instant between two renames, which
-:func:`resolve` falls back to). Weights load from safetensors and every other file with
-``torch.load(weights_only=True)`` (accelerate's loader), never with pickle.
+:func:`resolve` falls back to); a save that fails (a full disk) removes its staging directory
+and leaves the previous checkpoint as it was. Weights load from safetensors and every other
+file with ``torch.load(weights_only=True)`` (accelerate's loader), never with pickle.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils.other import load as accelerate_load
 from safetensors import safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_file, save_model
@@ -33,13 +40,23 @@ from torch import nn
 
 from moekit import config as config_io
 from moekit.errors import CheckpointError
-from moekit.fileio import replace_dir
+from moekit.fileio import cleaned_up, replace_dir
 
 MODEL_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+PROGRESS_FILE = "epoch_progress.safetensors"
 COMPATIBLE_KEYS = ("model", "tasks")
+
+
+@dataclass
+class EpochProgress:
+    """The training statistics of an epoch interrupted after some of its batches."""
+
+    tracker_total: torch.Tensor
+    kept: torch.Tensor
+    sums: torch.Tensor
 
 
 def install_hooks(accelerator: Any) -> None:
@@ -76,10 +93,13 @@ def save(
     target: str | Path,
     state: Mapping[str, Any],
     cfg: Mapping[str, Any],
+    progress: EpochProgress | None = None,
 ) -> Path:
     """Write a checkpoint of the prepared ``objective`` to ``target`` atomically.
 
-    Call on every process: each writes its RNG state; the main process writes the rest.
+    Call on every process: each writes its RNG state; the main process writes the rest. A
+    failed write (``OSError``: a full disk...) removes the staging directory and raises a
+    one-line :class:`~moekit.errors.WriteError`; ``target`` is untouched.
     """
     target = Path(target)
     staging = target.with_name(f".{target.name}.tmp")
@@ -88,19 +108,23 @@ def save(
         if staging.exists():
             shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        bare = accelerator.unwrap_model(objective)
-        save_model(bare.model, str(staging / MODEL_FILE))
-        extra = {
-            k: v.detach().contiguous().cpu()
-            for k, v in bare.state_dict().items()
-            if not k.startswith("model.")
-        }
-        save_file(extra, str(staging / OBJECTIVE_FILE))
-        (staging / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
-        (staging / CONFIG_FILE).write_text(config_io.dump(cfg))
-        _fsync_tree(staging)
+    with cleaned_up(staging, target):
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            bare = accelerator.unwrap_model(objective)
+            save_model(bare.model, str(staging / MODEL_FILE))
+            extra = {
+                k: v.detach().contiguous().cpu()
+                for k, v in bare.state_dict().items()
+                if not k.startswith("model.")
+            }
+            save_file(extra, str(staging / OBJECTIVE_FILE))
+            if progress is not None:
+                tensors = {k: v.contiguous() for k, v in vars(progress).items()}
+                save_file(tensors, str(staging / PROGRESS_FILE))
+            (staging / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
+            (staging / CONFIG_FILE).write_text(config_io.dump(cfg))
+            _fsync_tree(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_dir(staging, target)
@@ -206,8 +230,22 @@ def load_training_state(accelerator: Any, objective: nn.Module, path: Path) -> d
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value)
+    for file in sorted([*path.glob("*.bin"), *path.glob("*.pkl")]):
+        try:  # name the damaged file before accelerate reads it
+            accelerate_load(file, map_location="cpu")
+        except Exception as exc:  # torch raises several types for a truncated file
+            raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from None
     accelerator.load_state(str(path))
     return read_state(path)
+
+
+def read_progress(path: str | Path) -> EpochProgress | None:
+    """The epoch progress of a checkpoint saved mid-epoch (None at an epoch's end)."""
+    file = Path(path) / PROGRESS_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as fh:
+        return EpochProgress(**{k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
 
 
 def checkpoint_dir(path: str | Path, checkpoint: str = "best") -> Path:

@@ -97,10 +97,11 @@ class MetricTracker:
         return torch.cat(parts, dim=1)
 
     def accumulate(self, rows: Tensor) -> None:
-        rows = rows.detach().to("cpu", torch.float64)
-        self.total += rows.sum(dim=0)
+        """Add a batch's rows, on their device (no host synchronisation)."""
+        rows = rows.detach().to(torch.float64)
+        self.total = self.total.to(rows.device) + rows.sum(dim=0)
         if self.kept_columns.numel():
-            self.kept.append(rows[:, self.kept_columns])
+            self.kept.append(rows[:, self.kept_columns.to(rows.device)])
 
     def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> None:
         """Sum :attr:`total` over processes (for statistics accumulated locally), and gather
@@ -108,7 +109,11 @@ class MetricTracker:
         self.total = reduce_sum(self.total.to(device)).to("cpu", torch.float64)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.kept_columns.numel() and distributed and torch.distributed.get_world_size() > 1:
-            mine = torch.cat(self.kept) if self.kept else torch.zeros(0, len(self.kept_columns))
+            mine = (
+                torch.cat(self.kept).cpu()
+                if self.kept
+                else torch.zeros(0, len(self.kept_columns), dtype=torch.float64)
+            )
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, mine.to(torch.float64))
             self.kept = [torch.cat(gathered)]
@@ -118,7 +123,12 @@ class MetricTracker:
         values: dict[str, float] = {}
         offset = kept_offset = 0
         task_losses = []
-        kept = torch.cat(self.kept) if self.kept else torch.zeros(0, len(self.kept_columns))
+        self.total = self.total.to("cpu")
+        kept = (
+            torch.cat(self.kept).cpu()
+            if self.kept
+            else torch.zeros(0, len(self.kept_columns), dtype=torch.float64)
+        )
         for name, metrics in self.metrics.items():
             loss_sum, count = self.total[offset : offset + 2].tolist()
             offset += 2
@@ -140,6 +150,37 @@ class MetricTracker:
             delta = self.mtl_delta(values, metric_directions(self.tasks))
             values.update({f"mtl_delta/{k}": v for k, v in delta.items()})
         return values
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    tasks: Mapping[str, Task],
+    threshold: float | None = None,
+    device: torch.device | str | None = None,
+    mixed_precision: str = "no",
+) -> dict[str, float]:
+    """Losses and metrics of ``model`` on ``batches`` for ``tasks``, in one process with no
+    accelerator (the task losses from the tasks' configs; bf16 autocast with
+    ``mixed_precision="bf16"``). ``device`` defaults to where the model's parameters are."""
+    from moekit.engine.experiment import build_task_losses
+    from moekit.engine.objective import MultiTaskObjective
+    from moekit.registry import WEIGHTINGS
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    weighting = WEIGHTINGS.build({"type": "equal"}, tasks=tasks)
+    objective = MultiTaskObjective(model, tasks, build_task_losses(tasks), weighting).to(device)
+    bf16 = mixed_precision == "bf16"
+    return evaluate_loop(
+        model,
+        objective,
+        batches,
+        tasks,
+        threshold=threshold,
+        autocast=lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+        device=device,
+    )
 
 
 @torch.no_grad()

@@ -44,6 +44,20 @@ class StepOutput:
     preds: dict[str, Tensor]
     routing: list[RoutingRecord] = field(default_factory=list)
 
+    def logged(self) -> Tensor:
+        """``[1 + A]``: the total and each routing loss, detached (summed over an epoch)."""
+        return torch.stack(
+            [self.loss.detach().float(), *(v.detach().float() for v in self.aux_losses.values())]
+        )
+
+    def watched(self) -> Tensor:
+        """Every task loss (0 for a task without labels in the batch), every routing loss and
+        the total, detached: what must stay finite."""
+        zero = self.loss.new_zeros(())
+        tasks = [self.task_losses.get(t, zero) for t in self.sample_losses]
+        values = [*tasks, *self.aux_losses.values(), self.loss]
+        return torch.stack([v.detach().float().reshape(()) for v in values])
+
 
 class MultiTaskObjective(nn.Module):
     """Model + task losses + weighting + routing losses, as one module for accelerate/DDP."""
@@ -104,7 +118,7 @@ class MultiTaskObjective(nn.Module):
         losses = self.per_sample(task, pred[mask], batch.targets[task][mask])
         return losses, per_row.masked_scatter(mask, losses.detach().float())
 
-    def forward(self, batch: Batch, nan_task: str | None = None) -> StepOutput:
+    def forward(self, batch: Batch) -> StepOutput:
         output = run_model(self.model, batch, batch.has_target)
         preds = output.preds
         device = next(iter(preds.values())).device
@@ -118,8 +132,6 @@ class MultiTaskObjective(nn.Module):
                 continue
             local = losses.sum() if losses is not None else torch.zeros((), device=device)
             task_losses[task] = local * (self.num_processes / global_counts[i])
-            if task == nan_task:
-                task_losses[task] = task_losses[task] * float("nan")
         aux_losses = {a.name: a.loss(output.routing) for a in self.aux_terms}
         total = self.weighting(task_losses) if task_losses else torch.zeros((), device=device)
         for term in self.aux_terms:

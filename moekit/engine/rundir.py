@@ -10,25 +10,93 @@
       checkpoints/last   the latest epoch (see moekit.engine.checkpoint)
       checkpoints/best   the best epoch by eval.monitor
       figures/*.png      one training curve per loss and metric
+      config_history.jsonl  the overrides a resumed run applied, one line per resume
+      .moekit.lock       held (flock) by the one process that writes into the run
+
+A run directory is owned by one process at a time: :class:`RunLock` takes an exclusive
+``flock`` on ``.moekit.lock`` (released when the process ends, however it ends, so a lock left
+by a killed process is never in the way) for training, resuming and every command that writes
+into a run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moekit import config as config_io
-from moekit.errors import ConfigError
+from moekit.errors import BusyError, CheckpointError, ConfigError
 from moekit.fileio import atomic_write_text
 
 LOGGER_NAME = "moekit.train"
+LOCK_FILE = ".moekit.lock"
+
+
+def make_dir(path: Path, what: str) -> bool:
+    """Create the directory ``path`` (and parents); returns whether it was created now. A path
+    that is a file, or lies under one, is a one-line :class:`ConfigError` naming ``what``."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} '{path}': is a file, not a directory")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{what} '{path}': a part of the path is a file") from None
+    return created
+
+
+class RunLock:
+    """An exclusive lock on a directory, held by this process until :meth:`release` (or its
+    end): a second moekit process that wants to write there gets a one-line
+    :class:`BusyError` naming the holder."""
+
+    def __init__(self, directory: str | Path, command: str) -> None:
+        self.directory, self.command = Path(directory), command
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        file = self.directory / LOCK_FILE
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BusyError(
+                f"{self.directory}: in use by another moekit process ({holder}); wait for it "
+                "to finish or choose another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {self.command}, since {time.strftime('%c')}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+@contextmanager
+def run_lock(directory: str | Path, command: str) -> Iterator[None]:
+    """Hold :class:`RunLock` on an existing ``directory`` for the block."""
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: no such run directory")
+    lock = RunLock(directory, command).acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def new_run_path(cfg: Mapping[str, Any]) -> Path:
@@ -53,15 +121,35 @@ class RunDir:
         self.config_yaml = self.path / "config.yaml"
         self.log_file = self.path / "train.log"
 
-    def create(self, fresh: bool) -> None:
-        """Make the folders; a fresh run refuses a directory that already holds a run."""
-        if fresh and (self.config_yaml.exists() or any(self.checkpoints.glob("*"))):
+    def has_checkpoint(self) -> bool:
+        """Whether the run saved a checkpoint (a run killed before its first one has none)."""
+        return any((d / "model.safetensors").is_file() for d in self.checkpoints.glob("*"))
+
+    def create(self, fresh: bool, command: str) -> list[Path]:
+        """Take the run's lock and make its folders. A fresh run refuses a directory holding a
+        checkpoint; a resumed one needs it. Returns what was created (removed again if the
+        set-up fails, so a failed start leaves nothing behind)."""
+        created = [self.path] if make_dir(self.path, "run directory") else []
+        self.lock = RunLock(self.path, command).acquire()
+        if fresh and self.has_checkpoint():
+            self.lock.release()
             raise ConfigError(
                 f"{self.path}: already holds a run; pass --resume {self.path} to continue it "
                 "or choose another --run-dir"
             )
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.figures.mkdir(parents=True, exist_ok=True)
+        if not fresh and not self.has_checkpoint():
+            self.lock.release()
+            raise ConfigError(
+                f"{self.path}: no checkpoint to resume (the run stopped before its first epoch "
+                f"ended); start it again: moekit train {self.config_yaml} --run-dir {self.path}"
+            )
+        for folder in (self.checkpoints, self.figures):
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        if not self.log_file.exists():
+            created.append(self.log_file)
+        return created
 
     def save_config(self, cfg: Mapping[str, Any]) -> None:
         config_io.save(cfg, self.config_yaml)

@@ -24,17 +24,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from moekit.engine import checkpoint, finetune
+from moekit.engine import checkpoint, finetune, resume
+from moekit.engine.checkpoint import EpochProgress
 from moekit.engine.config_check import check_config
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
 from moekit.engine.evaluation import MetricTracker, evaluate_loop, metric_directions
 from moekit.engine.experiment import build_experiment
+from moekit.engine.guards import NonFiniteWatch, SigtermFlag
 from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
+from moekit.engine.objective import StepOutput
 from moekit.engine.optim import named_parameters, set_frozen
-from moekit.engine.rundir import RunDir, close_log, new_run_path
+from moekit.engine.rundir import RunDir, close_log, json_safe, new_run_path
 from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
-from moekit.errors import ConfigError, TrainingError
+from moekit.errors import ConfigError, Preempted, TrainingError
 from moekit.schema import object_entry
 from moekit.sections import settings
 from moekit.types import Task
@@ -99,8 +102,10 @@ class Trainer:
         )
         self.run = RunDir(path)
         self.accelerator = acc = make_accelerator(self.settings, self.run.path)
+        created: list[Path] = []
         if acc.is_main_process:
-            self.run.create(fresh=resume is None)
+            command = "moekit train" + (" --resume" if resume is not None else "")
+            created = self.run.create(fresh=resume is None, command=command)
         acc.wait_for_everyone()
         self.log = self.run.open_log(acc.is_main_process)
         try:
@@ -108,8 +113,9 @@ class Trainer:
         except BaseException as exc:
             self.log.error(f"setup failed: {type(exc).__name__}: {exc}")
             close_log(self.log)
-            if target is None and acc.is_main_process:  # an auto-named run that never began
-                shutil.rmtree(self.run.path, ignore_errors=True)
+            if acc.is_main_process:
+                self.run.lock.release()
+                remove_created(created)  # a start that failed leaves nothing behind
             raise
 
     def _setup(self, evaluation: Mapping[str, Any], resume: str | Path | None) -> None:
@@ -143,8 +149,15 @@ class Trainer:
             acc.num_processes, lambda t: acc.reduce(t, "sum")
         )
         self.monitor, self.mode = self._monitor(evaluation)
-        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None}
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "step": 0,
+            "batch": 0,
+            "best_value": None,
+            "best_epoch": None,
+        }
         self.history: list[dict[str, Any]] = []
+        self._progress: EpochProgress | None = None
         self._phases: tuple[int | None, int | None] | None = None
         if resume is not None:
             self._resume()
@@ -186,13 +199,50 @@ class Trainer:
         return monitor, mode
 
     def _resume(self) -> None:
+        """Load ``checkpoints/last``; apply (or refuse) what the config changed since."""
         path = checkpoint.resolve(self.run.checkpoints / "last")
-        checkpoint.check_compatible(path, checkpoint.read_config(path), self.cfg)
-        self.state.update(checkpoint.load_training_state(self.accelerator, self.objective, path))
-        self.history = self.run.read_metrics(self.state["epoch"])
-        self.log.info(
-            f"resumed {self.run.path} after epoch {self.state['epoch']} (step {self.state['step']})"
+        saved = checkpoint.read_config(path)
+        checkpoint.check_compatible(path, saved, self.cfg)
+        applied = resume.check_changes(resume.changes(saved, self.cfg), self.run.path)
+        fresh = resume.snapshot(self.optimizer, self.scheduler)
+        state = checkpoint.load_training_state(self.accelerator, self.objective, path)
+        resume.reapply_hyperparameters(self.optimizer, self.scheduler, fresh)
+        saved_history = state.pop("history", None)
+        self.state.update(state)
+        self._progress = checkpoint.read_progress(path)
+        self.history = self._read_history(saved_history)
+        where = f"epoch {self.state['epoch']}" + (
+            f" and {self.state['batch']} batches of the next" if self.state.get("batch") else ""
         )
+        self.log.info(f"resumed {self.run.path} after {where} (step {self.state['step']})")
+        if applied:
+            for key, (old, new) in applied.items():
+                self.log.info(f"resume applies config key '{key}': {old!r} -> {new!r}")
+            if self.accelerator.is_main_process:
+                resume.record(self.run.path, applied, self.state)
+
+    def _read_history(self, saved: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """The rows of the finished epochs: ``metrics.csv``, or the checkpoint's copy when the
+        file is missing, unreadable or short (then rewritten from it)."""
+        epochs = self.state["epoch"]
+        try:
+            rows = self.run.read_metrics(epochs)
+        except (OSError, ValueError) as exc:  # pandas' parse errors are ValueErrors
+            rows, problem = None, f"unreadable ({type(exc).__name__})"
+        else:
+            problem = "missing" if not self.run.metrics_csv.exists() else "short"
+            if (rows and max(r["epoch"] for r in rows) >= epochs) or not epochs:
+                return rows
+        if saved is None:
+            raise TrainingError(
+                f"{self.run.metrics_csv}: {problem}, and the checkpoint holds no copy of the "
+                "history (saved by an older moekit); move the file aside to resume without it"
+            )
+        rows = [{k: v for k, v in row.items() if v is not None} for row in saved]
+        self.log.warning(f"{self.run.metrics_csv}: {problem}; rebuilt from the checkpoint")
+        if self.accelerator.is_main_process:
+            self.run.write_metrics(rows)
+        return rows
 
     def _apply_phases(self, epoch: int) -> None:
         exp, epochs = self.exp, self.settings["epochs"]
@@ -225,12 +275,17 @@ class Trainer:
             f"process(es), device {acc.device}, {self.exp.steps_per_epoch} steps/epoch"
         )
         try:
-            for epoch in range(self.state["epoch"], epochs):
-                self._run_epoch(epoch)
-                if self.debug["stop_after_epoch"] == epoch + 1 and epoch + 1 < epochs:
-                    status = "interrupted"
-                    self.log.info(f"stopping after epoch {epoch + 1} (debug.stop_after_epoch)")
-                    break
+            with SigtermFlag() as self.sigterm:
+                for epoch in range(self.state["epoch"], epochs):
+                    self._run_epoch(epoch)
+                    if self.debug["stop_after_epoch"] == epoch + 1 and epoch + 1 < epochs:
+                        status = "interrupted"
+                        self.log.info(f"stopping after epoch {epoch + 1} (debug.stop_after_epoch)")
+                        break
+        except Preempted as exc:
+            status = "preempted"
+            self.log.info(str(exc))
+            raise
         except TrainingError as exc:
             status = "failed"
             self.log.error(str(exc))
@@ -258,7 +313,7 @@ class Trainer:
         rows[0]["time"] = time.perf_counter() - start
         self.history.extend(rows)
         self._check_parameters(epoch)
-        self.state["epoch"] = epoch + 1
+        self.state["epoch"], self.state["batch"] = epoch + 1, 0
         improved = self._update_best(rows)
         if acc.is_main_process:
             self.run.write_metrics(self.history)
@@ -266,10 +321,10 @@ class Trainer:
         if improved and self.settings["save_best"]:
             # best first: a kill between the two saves leaves last one epoch behind (resume
             # redoes that epoch), never a best older than the state in last says
-            checkpoint.save(acc, self.objective, best, self.state, self.cfg)
+            self._save(best)
             checkpoint.copy(acc, best, last)
         else:
-            checkpoint.save(acc, self.objective, last, self.state, self.cfg)
+            self._save(last)
         if acc.is_main_process:
             self.run.write_summary(self._summary("running"))
         if self.settings["log_with"]:
@@ -292,21 +347,36 @@ class Trainer:
         tracker = MetricTracker(self.exp.tasks, threshold=self.threshold)
         bare = acc.unwrap_model(self.objective)
         sums = torch.zeros(1 + len(bare.aux_terms), device=acc.device)
-        batches = 0
+        done = int(self.state.get("batch", 0))  # batches of this epoch already trained
+        if done:  # resumed mid-epoch: the epoch goes on where the checkpoint left it
+            tracker.total, sums = self._progress.tracker_total, self._progress.sums.to(sums)
+            tracker.kept = [self._progress.kept] if self._progress.kept.numel() else []
+            loader = acc.skip_first_batches(loader, done)
         clip = self.settings["clip_grad"]
+        log_every = int(self.settings["log_every"])
+        reduce_sum = lambda t: acc.reduce(t, "sum")  # noqa: E731
+        watch = NonFiniteWatch(
+            [f"task '{t}'" for t in self.exp.tasks]
+            + [f"aux:{a.name}" for a in bare.aux_terms]
+            + ["total"],
+            acc.device,
+        )
         used_lr = [group["lr"] for group in self.optimizer.param_groups]
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
             leave=False,
+            initial=done,
+            total=done + len(loader),
+            mininterval=0.5,
             disable=not sys.stderr.isatty() or not acc.is_main_process,
         )
-        for index, batch in enumerate(bar):
+        index = done - 1
+        for index, batch in enumerate(bar, start=done):
             step = self.state["step"] + 1
-            nan_task = self._nan_task(step)
             with acc.accumulate(self.objective):
-                out = self.objective(batch, nan_task=nan_task)
-                self._check_finite(out, step, epoch, index)
+                out = self._inject_nan(self.objective(batch), step)
+                watch.observe(out.watched(), step, index)
                 acc.backward(out.loss)
                 if acc.sync_gradients and clip:
                     acc.clip_grad_norm_(self.objective.parameters(), float(clip))
@@ -316,16 +386,20 @@ class Trainer:
                     if not self.optimizer.step_was_skipped:
                         self.scheduler.step()
                     self.state["step"] = step
-                    if step % int(self.settings["log_every"]) == 0:
+                    if step % log_every == 0:
+                        watch.check(reduce_sum, epoch, self.state["epoch"])
                         self.log.debug(f"step {step} loss {out.loss.item():.6g}")
                 self.optimizer.zero_grad()
             tracker.accumulate(tracker.rows(out.preds, batch, out.sample_losses))
-            sums += torch.stack(
-                [out.loss.detach().float(), *(v.detach().float() for v in out.aux_losses.values())]
-            )
-            batches += 1
-            bar.set_postfix(loss=f"{out.loss.item():.4f}")
-        tracker.reduce(lambda t: acc.reduce(t, "sum"), acc.device)
+            sums += out.logged()
+            if not bar.disable and bar.last_print_t + bar.mininterval < time.time():
+                bar.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
+            if acc.sync_gradients and self._preempted():
+                watch.check(reduce_sum, epoch, self.state["epoch"])
+                self._save_progress(epoch, index + 1, tracker, sums)
+        watch.check(reduce_sum, epoch, self.state["epoch"])
+        batches = index + 1
+        tracker.reduce(reduce_sum, acc.device)
         means = (acc.reduce(sums, "sum") / (batches * acc.num_processes)).tolist()
         values = tracker.compute()
         values["objective"] = means[0]
@@ -335,33 +409,41 @@ class Trainer:
             values[f"lr/{group.get('name', 'default')}"] = lr  # of the epoch's last step
         return values
 
-    def _nan_task(self, step: int) -> str | None:
+    def _inject_nan(self, out: StepOutput, step: int) -> StepOutput:
+        """``debug.inject_nan_at_step``: make a task's loss NaN (a test hook, kept here in the
+        loop, out of the objective)."""
         if self.debug["inject_nan_at_step"] != step:
-            return None
-        return self.debug["nan_task"] or next(iter(self.exp.tasks))
+            return out
+        task = self.debug["nan_task"] or next(iter(self.exp.tasks))
+        nan = out.task_losses[task] * float("nan")
+        out.loss = out.loss + nan
+        out.task_losses[task] = nan
+        return out
 
-    def _check_finite(self, out: Any, step: int, epoch: int, index: int) -> None:
-        """Stop (on every process at once) when a loss is NaN or infinite."""
-        names = [f"task '{t}'" for t in out.task_losses] + [f"aux:{a}" for a in out.aux_losses]
-        values = torch.stack(
-            [
-                v.detach().float().reshape(())
-                for v in (*out.task_losses.values(), *out.aux_losses.values(), out.loss)
-            ]
-        )
-        bad = self.accelerator.reduce((~torch.isfinite(values)).float(), "sum")
-        if not bool(bad.any()):
-            return
-        first = int(bad.nonzero()[0])
-        what = names[first] if first < len(names) else "total"
-        value = (
-            float(values[first])
-            if not math.isfinite(float(values[first]))
-            else "non-finite on another process"
-        )
-        raise TrainingError(
-            f"non-finite loss at step {step} (epoch {epoch + 1}, batch {index + 1}): {what} loss "
-            f"is {value}; stopped, checkpoints/last holds epoch {self.state['epoch']}"
+    def _preempted(self) -> bool:
+        """Whether SIGTERM arrived (on any process: the processes agree, one small all-reduce
+        per step only when there are several)."""
+        flag = self.sigterm.raised
+        if self.accelerator.num_processes > 1:
+            seen = torch.tensor([float(flag)], device=self.accelerator.device)
+            flag = bool(self.accelerator.reduce(seen, "sum").item())
+        return flag
+
+    def _save(self, target: Path, progress: EpochProgress | None = None) -> None:
+        state = {**self.state, "history": json_safe(self.history)}
+        checkpoint.save(self.accelerator, self.objective, target, state, self.cfg, progress)
+
+    def _save_progress(
+        self, epoch: int, batches: int, tracker: MetricTracker, sums: torch.Tensor
+    ) -> None:
+        """Save ``checkpoints/last`` in the middle of ``epoch`` and stop (SIGTERM)."""
+        self.state["batch"] = batches
+        kept = torch.cat(tracker.kept).cpu() if tracker.kept else torch.zeros(0)
+        progress = EpochProgress(tracker.total.cpu(), kept, sums.detach().cpu())
+        self._save(self.run.checkpoints / "last", progress)
+        raise Preempted(
+            f"preempted (SIGTERM) in epoch {epoch + 1} after step {self.state['step']}; "
+            f"checkpoints/last resumes exactly: moekit train --resume {self.run.path}"
         )
 
     def _check_parameters(self, epoch: int) -> None:
@@ -464,7 +546,18 @@ class Trainer:
         if self.settings["log_with"]:
             acc.end_training()
         close_log(self.log)
+        if acc.is_main_process:
+            self.run.lock.release()
         return summary
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Remove what a failed start created (the run directory itself, or what it added)."""
+    for path in reversed(paths):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def compose(
