@@ -19,6 +19,8 @@ from moekit.data.idrid import (
     read_grading_csv,
     stratified_split,
 )
+from moekit.data.image_io import read_rgb
+from moekit.data.preprocess import FundusFov
 from moekit.data.replicas.idrid import make_idrid_replica
 from moekit.errors import ConfigError, DataError
 from moekit.registry import DATASETS
@@ -338,3 +340,33 @@ def test_augment_mapping_configures_the_train_transform(replica):
     )
     plain = _ds(replica, split="test")
     torch.testing.assert_close(ds[0]["inputs"], plain[0]["inputs"].flip(-1))
+
+
+def test_default_preprocess_is_the_fundus_field_of_view(replica):
+    ds = _ds(replica, split="test", tasks=["OD"])
+    assert ds.preprocess_config == {"type": "fundus_fov"}
+    assert isinstance(ds.preprocess, FundusFov)
+    plain = _ds(replica, split="test", tasks=["OD"], preprocess="resize")
+    assert plain.preprocess_config == {"type": "resize"}
+    custom = _ds(
+        replica, split="test", tasks=["OD"], preprocess={"type": "fundus_fov", "extent": "circle"}
+    )
+    assert custom.preprocess.extent == "circle"
+    with pytest.raises(ConfigError, match="did you mean 'fundus_fov'"):
+        _ds(replica, split="test", tasks=["OD"], preprocess={"type": "fundus_fvo"})
+
+
+def test_masks_follow_the_photograph_through_the_preprocessing(tmp_path):
+    """Photographs of several cameras: after fundus_fov the disc mask lies on the brightest
+    part of the picture, and the field is centred and black around it."""
+    root = make_idrid_replica(tmp_path / "r", 0, 0, 1, 6, size=(192, 128), seed=4)
+    ds = _ds(root, split="test", tasks=["OD"], image_size=[48, 72])
+    sizes = {read_rgb(r.image)[1] for r in ds.records}
+    assert len(sizes) > 1  # several cameras' frames
+    for i in range(len(ds)):
+        sample = ds[i]
+        od = sample["targets"]["OD"][0].bool()
+        green = sample["inputs"][1]
+        assert od.any() and green[od].mean() > green[~od].mean() + 0.3
+        dark = sample["inputs"].amax(0) < 0  # below the ImageNet mean in every channel
+        assert dark[:, :3].all() and dark[:, -3:].all()  # black corners
