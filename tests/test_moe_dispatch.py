@@ -85,7 +85,7 @@ def test_loop_expert_mlp_matches_composed_autograd(activation):
     params = [x, w1, b1, w2, b2, weight]
     grad = torch.randn(20, 8)
     fused = expert_mlp(x, w1, b1, w2, b2, act, plan, "loop")
-    composed = Strategy.mlp(STRATEGIES["loop"], x, w1, b1, w2, b2, act, plan)
+    composed = Strategy.mlp(STRATEGIES["loop"], x, w1, b1, w2, b2, act, plan, x.dtype)
     torch.testing.assert_close(fused, composed, rtol=1e-5, atol=1e-5)
     got = torch.autograd.grad(fused, params, grad, retain_graph=True)
     want = torch.autograd.grad(composed, params, grad)
@@ -103,3 +103,68 @@ def test_frozen_experts_get_no_gradient_but_the_router_does():
     y = expert_mlp(x, w1, None, w2, None, ACTIVATIONS["relu"], plan, "loop")
     (grad,) = torch.autograd.grad(y.sum(), [weight])
     assert grad.abs().sum() > 0
+
+
+def test_balance_splits_blocks_evenly_and_keeps_their_order():
+    from moekit.moe.expert_threads import balance
+
+    bins = balance([5, 1, 4, 2, 3, 3], 2)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(b == sorted(b) for b in bins)
+    assert sorted(sum([5, 1, 4, 2, 3, 3][i] for i in b) for b in bins) == [9, 9]
+
+
+def test_workers_run_single_threaded_and_leave_the_callers_threads_alone():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moekit.moe import expert_threads
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert expert_threads.num_workers(torch.device("cpu"), 4) == 2
+        assert expert_threads.num_workers(torch.device("cpu"), 3) == 1, "too few blocks"
+        assert expert_threads.num_workers(torch.device("meta"), 8) == 1
+        with FlopCounterMode(display=False):
+            assert expert_threads.num_workers(torch.device("cpu"), 8) == 1, "modes are per thread"
+        parts = expert_threads.run_blocks(
+            lambda blocks: (blocks, torch.get_num_threads(), torch.is_grad_enabled()),
+            list("abcd"),
+            [4, 3, 2, 1],
+            2,
+        )
+        assert torch.get_num_threads() == 2
+        assert sorted(b for blocks, _, _ in parts for b in blocks) == list("abcd")
+        assert all(n == 1 and not grad for _, n, grad in parts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loop_blocks_side_by_side_match_blocks_in_turn(dtype):
+    torch.manual_seed(3)
+    index = torch.randint(-1, 8, (60, 3))
+    weight = torch.rand(60, 3, requires_grad=True)
+    x = torch.randn(60, 16, requires_grad=True)
+    w1, b1 = torch.randn(8, 16, 24, requires_grad=True), torch.randn(8, 24, requires_grad=True)
+    w2, b2 = torch.randn(8, 24, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    params = [x, w1, b1, w2, b2, weight]
+    grad = torch.randn(60, 16)
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            plan = DispatchPlan.from_routing(index, weight, 8)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                y = expert_mlp(x, w1, b1, w2, b2, ACTIVATIONS["gelu"], plan, "loop")
+                h = grouped_linear(plan.gather(x), w1, b1, plan, "loop")
+            results[n] = (y, h, torch.autograd.grad((y, h), params, (grad, h.detach())))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, h1, g1), (y2, h2, g2) = results[1], results[2]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y2, y1, **tol)
+    torch.testing.assert_close(h2, h1, rtol=0, atol=0)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -11,7 +11,10 @@ in :data:`STRATEGIES` and are chosen by name:
 - ``loop``: custom autograd functions looping over the experts, writing each expert's block
   into slices of preallocated buffers (no ``cat``, no stacking of per-expert weight
   gradients); its expert MLP runs gather, both projections, scaling and ``index_add_`` block by
-  block while the block is in cache, and keeps only ``h`` and ``act(h)`` for backward.
+  block while the block is in cache, and keeps only ``h`` and ``act(h)`` for backward. On a
+  CPU with ``T > 1`` threads and at least ``2T`` expert blocks, the blocks run side by side on
+  ``T`` single-threaded workers (:mod:`moekit.moe.expert_threads`) instead of one after the
+  other with ``T`` threads per op.
 
 :data:`DEFAULT_STRATEGY` holds the faster one per device, as measured by ``moekit bench moe``.
 Unselected experts cost nothing: compute scales with the number of (token, expert) pairs.
@@ -20,9 +23,9 @@ Unselected experts cost nothing: compute scales with the number of (token, exper
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,9 @@ from torch import Tensor
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.moe.activations import Activation
+from moekit.moe.expert_threads import num_workers, run_blocks
+
+Result = TypeVar("Result")
 
 
 def check_capacity_factor(capacity_factor: float | None) -> None:
@@ -116,6 +122,16 @@ class DispatchPlan:
                 yield e, slice(start, start + size)
             start += size
 
+    def run_groups(
+        self, fn: Callable[[list[tuple[int, slice]]], Result], device: torch.device
+    ) -> list[Result]:
+        """``fn`` over the non-empty groups (:meth:`groups`): ``[fn(groups)]``, or on a
+        multi-core CPU one result per worker, each from its share of the groups
+        (:func:`moekit.moe.expert_threads.run_blocks`)."""
+        groups = list(self.groups())
+        sizes = [rows.stop - rows.start for _, rows in groups]
+        return run_blocks(fn, groups, sizes, num_workers(device, len(groups)))
+
     def gather(self, x: Tensor) -> Tensor:
         """The input row of every pair: ``x [n, ...] -> [P, ...]``."""
         return x.index_select(0, self.token)
@@ -140,7 +156,8 @@ class _LoopGroupedLinear(torch.autograd.Function):
     """``y_g = x_g W_e (+ b_e)`` over contiguous groups, looped with ``out=`` slices.
 
     Forward and backward write each expert's block straight into one preallocated buffer,
-    so there is no ``cat`` of outputs and no stacking of per-expert weight gradients.
+    so there is no ``cat`` of outputs and no stacking of per-expert weight gradients. Blocks
+    run side by side on the CPU when :func:`~moekit.moe.expert_threads.num_workers` says so.
     """
 
     @staticmethod
@@ -148,8 +165,12 @@ class _LoopGroupedLinear(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: DispatchPlan
     ) -> Tensor:
         out = x.new_empty(x.shape[0], weight.shape[-1])
-        for e, rows in plan.groups():
-            _addmm_into(out[rows], x[rows], weight, bias, e)
+
+        def run(groups: list[tuple[int, slice]]) -> None:
+            for e, rows in groups:
+                _addmm(x[rows], weight[e], None if bias is None else bias[e], out=out[rows])
+
+        plan.run_groups(run, x.device)
         ctx.save_for_backward(x, weight)
         ctx.plan = plan
         return out
@@ -162,13 +183,17 @@ class _LoopGroupedLinear(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]) if need_b else None
-        for e, rows in ctx.plan.groups():
-            if need_x:
-                torch.mm(grad[rows], weight[e].t(), out=grad_x[rows])
-            if need_w:
-                torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
-            if need_b:
-                torch.sum(grad[rows], dim=0, out=grad_b[e])
+
+        def run(groups: list[tuple[int, slice]]) -> None:
+            for e, rows in groups:
+                if grad_x is not None:
+                    torch.mm(grad[rows], weight[e].t(), out=grad_x[rows])
+                if grad_w is not None:
+                    torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+                if grad_b is not None:
+                    torch.sum(grad[rows], dim=0, out=grad_b[e])
+
+        ctx.plan.run_groups(run, x.device)
         return grad_x, grad_w, grad_b, None
 
 
@@ -179,11 +204,16 @@ class _LoopExpertMLP(torch.autograd.Function):
     ``o = act(h) W2_e + b2_e``, scale by the pair weights and ``index_add_`` into ``y``. Each
     block's intermediates stay in cache; only ``h`` and ``act(h)`` are kept for backward (as a
     dense MLP keeps them), and no ``[pairs, dim]`` gathered input or output is materialised:
-    backward gathers the input rows again.
+    backward gathers the input rows again. On a multi-core CPU the blocks run side by side on
+    single-threaded workers (:mod:`moekit.moe.expert_threads`), each summing into its own
+    ``y`` (and input gradient), added up at the end.
 
-    The blocks run in the weights' dtype (bf16 under autocast); ``y`` and the input gradient
-    sum the pairs of a row in float32 (:func:`accumulation_dtype`), the combine weights stay
-    float32, and ``y`` is returned in the weights' dtype.
+    The blocks compute in ``dtype`` (bf16 under autocast): each block casts its expert's
+    weights and input rows as it needs them, and writes its weight gradients into float32
+    (the weights' dtype) buffers, so no whole-layer cast of the ``[E, d_in, d_out]`` weights or
+    of their gradients is made. ``y`` and the input gradient sum the pairs of a row in float32
+    (:func:`accumulation_dtype`), the combine weights stay float32, and ``y`` is returned in
+    ``dtype``.
     """
 
     @staticmethod
@@ -197,17 +227,23 @@ class _LoopExpertMLP(torch.autograd.Function):
         scale: Tensor,
         act: Activation,
         plan: DispatchPlan,
+        dtype: torch.dtype,
     ) -> Tensor:
-        dtype = w1.dtype
-        y = x.new_zeros(plan.num_rows, w2.shape[-1], dtype=accumulation_dtype(dtype))
         h = x.new_empty(plan.num_pairs, w1.shape[-1], dtype=dtype)
         a = torch.empty_like(h)
-        for e, rows in plan.groups():
-            token = plan.token[rows]
-            _addmm_into(h[rows], x.index_select(0, token).to(dtype), w1, b1, e)
-            a[rows] = act(h[rows])
-            out = _addmm(a[rows], w2, b2, e)
-            y.index_add_(0, token, out.to(y.dtype).mul_(scale[rows, None]))
+
+        def run(groups: list[tuple[int, slice]]) -> Tensor:
+            y = x.new_zeros(plan.num_rows, w2.shape[-1], dtype=accumulation_dtype(dtype))
+            for e, rows in groups:
+                token = plan.token[rows]
+                rows_in = x.index_select(0, token).to(dtype)
+                _addmm(rows_in, _expert(w1, e, dtype), _expert(b1, e, dtype), out=h[rows])
+                a[rows] = act(h[rows])
+                out = _addmm(a[rows], _expert(w2, e, dtype), _expert(b2, e, dtype))
+                y.index_add_(0, token, out.to(y.dtype).mul_(scale[rows, None]))
+            return y
+
+        y = _sum(plan.run_groups(run, x.device))
         ctx.save_for_backward(x, w1, b1, w2, b2, scale, h, a)
         ctx.act, ctx.plan = act, plan
         return y.to(dtype)
@@ -216,49 +252,72 @@ class _LoopExpertMLP(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, b1, w2, b2, scale, h, a = ctx.saved_tensors
         act, plan = ctx.act, ctx.plan
-        dtype = w1.dtype
+        dtype = h.dtype
         need_x, need_w1, need_b1, need_w2, need_b2, need_scale = ctx.needs_input_grad[:6]
-        grad_x = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype)) if need_x else None
         grad_w1 = torch.zeros_like(w1) if need_w1 else None
         grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
         grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
         grad_scale = torch.zeros_like(scale) if need_scale else None
         grad_y = grad_y.to(dtype).contiguous()
-        for e, rows in plan.groups():
-            token = plan.token[rows]
-            g = grad_y.index_select(0, token)
-            grad_a = g @ w2[e].t()
-            if grad_scale is not None:
-                grad_scale[rows] = torch.linalg.vecdot(grad_a, a[rows])
-                if b2 is not None:
-                    grad_scale[rows] += g @ b2[e]
-            g.mul_(scale[rows, None])
-            if grad_w2 is not None:
-                torch.mm(a[rows].t(), g, out=grad_w2[e])
-            if grad_b2 is not None:
-                torch.sum(g, dim=0, out=grad_b2[e])
-            grad_h = act.backward(grad_a.mul_(scale[rows, None]), h[rows])
-            if grad_w1 is not None:
-                torch.mm(x.index_select(0, token).to(dtype).t(), grad_h, out=grad_w1[e])
-            if grad_b1 is not None:
-                torch.sum(grad_h, dim=0, out=grad_b1[e])
-            if grad_x is not None:
-                grad_x.index_add_(0, token, (grad_h @ w1[e].t()).to(grad_x.dtype))
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale, None, None
+
+        def run(groups: list[tuple[int, slice]]) -> Tensor | None:
+            grad_x = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype)) if need_x else None
+            for e, rows in groups:
+                token = plan.token[rows]
+                w2_e = _expert(w2, e, dtype)
+                g = grad_y.index_select(0, token)
+                grad_a = g @ w2_e.t()
+                if grad_scale is not None:
+                    grad_scale[rows] = torch.linalg.vecdot(grad_a, a[rows])
+                    if b2 is not None:
+                        grad_scale[rows] += g @ _expert(b2, e, dtype)
+                g.mul_(scale[rows, None])
+                if grad_w2 is not None:
+                    _mm_into(grad_w2[e], a[rows].t(), g)
+                if grad_b2 is not None:
+                    torch.sum(g, dim=0, dtype=grad_b2.dtype, out=grad_b2[e])
+                grad_h = act.backward(grad_a.mul_(scale[rows, None]), h[rows])
+                if grad_w1 is not None:
+                    _mm_into(grad_w1[e], x.index_select(0, token).to(dtype).t(), grad_h)
+                if grad_b1 is not None:
+                    torch.sum(grad_h, dim=0, dtype=grad_b1.dtype, out=grad_b1[e])
+                if grad_x is not None:
+                    grad_in = grad_h @ _expert(w1, e, dtype).t()
+                    grad_x.index_add_(0, token, grad_in.to(grad_x.dtype))
+            return grad_x
+
+        parts = plan.run_groups(run, x.device)
+        grad_x = _sum(parts).to(x.dtype) if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale, None, None, None
 
 
-def _addmm(x: Tensor, weight: Tensor, bias: Tensor | None, e: int) -> Tensor:
-    return x @ weight[e] if bias is None else torch.addmm(bias[e], x, weight[e])
+def _expert(stacked: Tensor | None, e: int, dtype: torch.dtype) -> Tensor | None:
+    """Expert ``e``'s slice of a stacked parameter, in ``dtype``."""
+    return None if stacked is None else stacked[e].to(dtype)
 
 
-def _addmm_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, e: int) -> None:
+def _addmm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x W (+ b)``, into ``out`` when given."""
     if bias is None:
-        torch.mm(x, weight[e], out=out)
+        return torch.mm(x, weight, out=out)
+    return torch.addmm(bias, x, weight, out=out)
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a b``; a product in a narrower dtype than ``out`` is widened into it."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
     else:
-        torch.addmm(bias[e], x, weight[e], out=out)
+        out.copy_(a @ b)
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    """The sum of the workers' partial sums, in place in the first."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 class Strategy:
@@ -277,11 +336,13 @@ class Strategy:
         b2: Tensor | None,
         act: Activation,
         plan: DispatchPlan,
+        dtype: torch.dtype,
     ) -> Tensor:
         """``y_i = sum_p w_p (act(x_i W1_e + b1_e) W2_e + b2_e)`` over the pairs ``p`` of row
-        ``i``: the input rows ``x [n, C]`` in, the combined output ``[n, C_out]`` out, in the
-        weights' dtype (``x`` may be wider: its gathered rows are cast)."""
-        h = act(self.linear(plan.gather(x).to(w1.dtype), w1, b1, plan))
+        ``i``: the input rows ``x [n, C]`` in, the combined output ``[n, C_out]`` out,
+        computed in ``dtype`` (the casts of inputs and weights are differentiable)."""
+        w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+        h = act(self.linear(plan.gather(x).to(dtype), w1, b1, plan))
         return plan.combine(self.linear(h, w2, b2, plan))
 
 
@@ -300,8 +361,9 @@ class LoopStrategy(Strategy):
         b2: Tensor | None,
         act: Activation,
         plan: DispatchPlan,
+        dtype: torch.dtype,
     ) -> Tensor:
-        return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.float(), act, plan)
+        return _LoopExpertMLP.apply(x, w1, b1, w2, b2, plan.weight.float(), act, plan, dtype)
 
 
 class GroupedMMStrategy(Strategy):
@@ -342,15 +404,11 @@ def get_strategy(name: str | None, device: torch.device) -> Strategy:
     return STRATEGIES[name]
 
 
-def _cast_for_autocast(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
-    """``params`` in the autocast dtype of ``x``'s device when autocast is on (autocast does
-    not cover grouped matmuls or custom functions), else as they are; the casts are
-    differentiable, so float32 master weights get their gradients."""
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype experts compute in: autocast's on ``x``'s device when autocast is on
+    (autocast does not cover grouped matmuls or custom functions), else the weights'."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return params
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(None if t is None else t.to(dtype) for t in params)
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def grouped_linear(
@@ -363,8 +421,8 @@ def grouped_linear(
     """``y_p = x_p W_{e(p)} + b_{e(p)}`` for the pair rows ``x [P, d_in]`` (``plan.gather``),
     stacked ``weight [E, d_in, d_out]`` and ``bias [E, d_out]``: ``[P, d_out]``, computed in
     the weights' dtype (the autocast dtype under autocast)."""
-    weight, bias = _cast_for_autocast(x, weight, bias)
-    x = x.to(weight.dtype)
+    dtype = compute_dtype(x, weight)  # differentiable casts: float32 weights get gradients
+    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
     return get_strategy(strategy, x.device).linear(x, weight, bias, plan)
 
 
@@ -384,5 +442,5 @@ def expert_mlp(
     Under autocast the experts run in its dtype and ``y`` comes out in it; the sum over a
     row's pairs is accumulated in float32 and the combine weights stay float32.
     """
-    w1, b1, w2, b2 = _cast_for_autocast(x, w1, b1, w2, b2)
-    return get_strategy(strategy, x.device).mlp(x, w1, b1, w2, b2, act, plan)
+    dtype = compute_dtype(x, w1)
+    return get_strategy(strategy, x.device).mlp(x, w1, b1, w2, b2, act, plan, dtype)
