@@ -7,8 +7,10 @@ Conventions (docs/index.md, "The docs are tested"):
   temporary working directory (shipped configs are found by name or ``configs/...`` path);
 - a block whose first line is ``# file: NAME`` is written to ``NAME`` there instead of run (a
   user's module or config, used by a later block);
-- a fenced ``bash`` block runs (``bash -e``, ``moekit`` on ``PATH``, one thread) only when the
-  line before it is ``<!-- run -->``: the cheap commands. Long trainings, sweeps, benchmarks,
+- a fenced ``bash`` block runs only when the line before it is ``<!-- run -->``: the cheap
+  commands. A block of plain ``moekit ...`` lines runs them in-process through
+  :func:`moekit.cli.main` (each must return 0); any other block runs in ``bash -e`` with
+  ``moekit`` on ``PATH`` and one thread. Long trainings, sweeps, benchmarks,
   real data and GPUs are shown, not run (``make demo`` has its own test);
 - blocks without a language (command output, shapes) are text.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -82,6 +85,28 @@ def _pages() -> list:
     ]
 
 
+def moekit_commands(block: Block) -> list[list[str]] | None:
+    """The block's commands as argument lists when every one is a plain ``moekit ...`` call
+    (run in-process, without a new interpreter's start-up each), else ``None`` (bash)."""
+    commands = []
+    for line in block.body.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        if words[0] != "moekit" or any(w in ("|", ">", "&&", ";") for w in words):
+            return None
+        commands.append(words[1:])
+    return commands
+
+
+def run_moekit(block: Block, commands: list[list[str]]) -> None:
+    from moekit.cli import main
+
+    for args in commands:
+        code = main(args)
+        assert code == 0, f"{block.page}:{block.line}: moekit {' '.join(args)} exited {code}"
+
+
 def run_shell(block: Block, cwd: Path) -> None:
     env = {
         **os.environ,
@@ -109,7 +134,11 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(block.body.split("\n", 1)[1])
         elif block.runs and block.lang == "bash":
-            run_shell(block, tmp_path)
+            commands = moekit_commands(block)
+            if commands is None:
+                run_shell(block, tmp_path)
+            else:
+                run_moekit(block, commands)
         elif block.runs:
             exec(compile(block.body, f"{page.name}:{block.line}", "exec"), namespace)
 
@@ -126,7 +155,8 @@ def test_block_conventions_are_followed():
             if block.lang == "python" and block.file is None:
                 first = block.body.lstrip().splitlines()[0] if block.body.strip() else ""
                 assert not first.startswith(("$ ", "moekit ")), f"{page.name}:{block.line}"
-        assert text.count(RUN_MARKER) == sum(b.marked for b in blocks(page)), page.name
+        markers = sum(line.strip() == RUN_MARKER for line in text.splitlines())
+        assert markers == sum(b.marked for b in blocks(page)), f"{page.name}: a stray marker"
 
 
 def test_docs_and_docstrings_stay_inside_the_repository():
