@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--set a.b=c [d=e ...]`` option shared by every command that reads a config."""
     parser.add_argument(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from moekit.errors import ConfigError
 
@@ -352,4 +353,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (help_text, add_arguments, run) in ACTIONS.items():
         action = actions.add_parser(name, help=help_text, description=help_text)
         add_arguments(action)
-        action.set_defaults(func=run)
+        action.set_defaults(func=_into_folder(run))
+
+
+def _into_folder(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` after checking that its output folder (DIR or ``--out``) is not a file."""
+
+    def checked(args: argparse.Namespace) -> int:
+        from moekit.engine.rundir import make_dir
+
+        for folder in (getattr(args, "dir", None), getattr(args, "out", None)):
+            if folder:
+                make_dir(Path(folder), "output folder")
+        return run(args)
+
+    return checked

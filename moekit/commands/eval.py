@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.engine import checkpoint, evaluate_run
     from moekit.engine.eval_run import primary_metrics, read_baselines
+    from moekit.engine.rundir import run_lock
     from moekit.types import tasks_from_config
 
     delta = None
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         keys = primary_metrics(tasks_from_config(cfg))
         baselines = read_baselines(args.baselines, keys, args.split, args.checkpoint)
         delta = {"baselines": baselines, "variant": args.variant}
-    values = evaluate_run(args.run_dir, args.split, args.checkpoint, mtl_delta=delta)
+    with run_lock(args.run_dir, "moekit eval"):  # writes RUN_DIR/eval
+        values = evaluate_run(args.run_dir, args.split, args.checkpoint, mtl_delta=delta)
     width = max(len(k) for k in values)
     for key, value in values.items():
         print(f"{key:<{width}}  {value:.6g}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.commands.config import add_override_argument
+from moekit.commands.config import add_override_argument, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="a config file or a run directory")
     parser.add_argument(
         "--input-size",
-        type=int,
+        type=positive_int,
         nargs="+",
         metavar="N",
         help="[C] H W of random input images (default: dataset samples)",
     )
-    parser.add_argument("--batch", type=int, default=1, help="images per forward (default: 1)")
+    parser.add_argument(
+        "--batch", type=positive_int, default=1, help="images per forward (default: 1)"
+    )
     parser.add_argument("--split", default="val", help="dataset split for inputs (default: val)")
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
     parser.add_argument(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,17 @@ def report(
 
 
 def run(args: argparse.Namespace) -> int:
-    print(
-        report(
-            args.run_dirs,
-            args.split,
-            args.checkpoint,
-            out_dir=args.out,
-            seed_reference=args.seed_reference,
+    from moekit.engine.rundir import run_lock
+
+    target = args.out if args.out is not None else args.run_dirs[0]
+    with run_lock(target, "moekit results") if Path(target).is_dir() else nullcontext():
+        print(
+            report(
+                args.run_dirs,
+                args.split,
+                args.checkpoint,
+                out_dir=args.out,
+                seed_reference=args.seed_reference,
+            )
         )
-    )
     return 0

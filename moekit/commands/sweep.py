@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moekit.commands.config import add_override_argument
 
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         rows = runner.plan(args.only)
         print(f"study {study.name}: {len(rows)} runs into {study.directory}")
         for row in rows:
-            mark = f"  ERROR: {row['error']}" if row["error"] else ""
-            print(f"- {row['variant']} seed {row['seed']} [{row['state']}] {row['what']}{mark}")
+            print(f"- {row['variant']} seed {row['seed']} [{row['state']}] {row['what']}")
+            if row["error"]:
+                print(f"moekit: error: {row['variant']}: {row['error']}", file=sys.stderr)
         return 2 if any(row["error"] for row in rows) else 0
     outcomes = runner.run(args.only, resume=args.resume)
     results = write_results(study)

@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.engine.rundir import run_lock
+
+    with run_lock(args.run_dir, "moekit usage"):  # writes RUN_DIR/usage
+        return _count(args)
+
+
+def _count(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moekit.analysis.runs import TrainedRun, progress

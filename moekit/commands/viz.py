@@ -22,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis.viz import draw_run_figures
+    from moekit.engine.rundir import run_lock
 
-    written, notes = draw_run_figures(args.run_dir, args.split, args.checkpoint, args.images)
+    with run_lock(args.run_dir, "moekit viz"):
+        written, notes = draw_run_figures(args.run_dir, args.split, args.checkpoint, args.images)
     for path in written:
         print(path)
     for note in notes:

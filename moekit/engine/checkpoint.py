@@ -254,7 +254,15 @@ def checkpoint_dir(path: str | Path, checkpoint: str = "best") -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     if (path / "checkpoints").is_dir():
-        return resolve(path / "checkpoints" / checkpoint)
+        try:
+            return resolve(path / "checkpoints" / checkpoint)
+        except CheckpointError:
+            if checkpoint == "best" and (path / "checkpoints" / "last").exists():
+                raise CheckpointError(
+                    f"{path}: no 'best' checkpoint (train.save_best off, or no epoch improved "
+                    "eval.monitor); use --checkpoint last"
+                ) from None
+            raise
     return resolve(path)
 
 

@@ -44,6 +44,11 @@ def build_metrics(task: Task, threshold: float | None = None) -> dict[str, Metri
     return metrics
 
 
+def logged_columns(tasks: Mapping[str, Task], mtl_delta: Any | None = None) -> list[str]:
+    """The columns an evaluation of ``tasks`` reports (``loss``, ``<task>/<metric>``...)."""
+    return list(MetricTracker(tasks, mtl_delta).compute())
+
+
 def metric_directions(tasks: Mapping[str, Task]) -> dict[str, bool]:
     """``{"<task>/<metric>": higher_is_better}`` for every configured metric."""
     return {

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.registry import LR_SCHEDULERS, OPTIMIZERS
-from moekit.schema import integer, number
+from moekit.schema import fail, integer, number
 from moekit.sections import value
 
 
@@ -67,6 +67,7 @@ def param_groups(
             )
         taken.update(n for n, _ in params)
         options = {k: v for k, v in group.items() if k not in ("params", "name")}
+        check_rates(options, key)
         result.append(
             {"params": [p for _, p in params], "name": group.get("name", f"group{i}"), **options}
         )
@@ -77,6 +78,16 @@ def param_groups(
     if weighting:
         result.append({"params": weighting, "name": "weighting", "weight_decay": 0.0})
     return result
+
+
+def check_rates(options: Mapping[str, Any], key: str) -> None:
+    """``lr`` > 0 and ``weight_decay`` >= 0 where given (torch's own checks raise a bare
+    ``ValueError`` deep inside the optimizer)."""
+    lr = options.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0):
+        fail(f"{key}.lr", "a number > 0", lr)
+    if "weight_decay" in options:
+        number(0.0)(options["weight_decay"], f"{key}.weight_decay")
 
 
 ENGINE_OPTIMIZER_KEYS = ("param_groups",)
@@ -144,6 +155,7 @@ def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: Mapping[str,
     """The ``optimizer`` section: an ``OPTIMIZERS`` entry over the parameter groups."""
     spec = dict(value(cfg, "optimizer"))
     OPTIMIZERS.check(spec, "optimizer", provided=ENGINE_OPTIMIZER_KEYS)
+    check_rates(spec, "optimizer")
     groups = param_groups(named, spec.pop("param_groups", None) or [])
     return OPTIMIZERS.build(spec, params=groups)
 

@@ -89,9 +89,13 @@ class RunLock:
 
 @contextmanager
 def run_lock(directory: str | Path, command: str) -> Iterator[None]:
-    """Hold :class:`RunLock` on an existing ``directory`` for the block."""
+    """Hold :class:`RunLock` on an existing ``directory`` for the block (in the main process
+    of a multi-process launch; the others write nothing into the run)."""
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: no such run directory")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     lock = RunLock(directory, command).acquire()
     try:
         yield

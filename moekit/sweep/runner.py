@@ -21,12 +21,12 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import ConfigError, MoekitError
+from moekit.errors import ConfigError, MoekitError, did_you_mean
 from moekit.fileio import atomic_write_text
 from moekit.sweep.measure import measure_run
 from moekit.sweep.study import PruneSpec, Study, Variant
@@ -106,6 +106,21 @@ class StudyRunner:
         names = {self.study.variant(name).name for name in only}
         return [run for run in self.study.runs() if run[0].name in names]
 
+    def check_columns(self, cfg: Mapping[str, Any], variant: str) -> None:
+        """Every ``metric`` column names a value the variant's evaluation reports."""
+        from moekit.engine.evaluation import logged_columns
+        from moekit.types import tasks_from_config
+
+        columns = logged_columns(tasks_from_config(cfg))
+        for column in self.study.columns:
+            delta = str(column.arg).startswith("mtl_delta/")  # needs the baselines
+            if column.kind == "metric" and column.arg not in columns and not delta:
+                raise ConfigError(
+                    f"{self.study.path}: column '{column.label}': variant '{variant}' reports "
+                    f"no metric '{column.arg}'{did_you_mean(str(column.arg), columns)}; "
+                    f"e.g. {', '.join(columns[:6])}"
+                )
+
     def plan(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """What a sweep would do, with each config resolved and checked (``--dry-run``)."""
         from moekit.engine.config_check import check_config
@@ -132,7 +147,9 @@ class StudyRunner:
                     + [f"--set {o}" for o in (*variant.overrides, *self.overrides)]
                 )
                 try:
-                    check_config(variant.config(seed, self.overrides), source=variant.name)
+                    cfg = variant.config(seed, self.overrides)
+                    check_config(cfg, source=variant.name)
+                    self.check_columns(cfg, variant.name)
                 except MoekitError as exc:
                     row["error"] = _error_line(exc)
             rows.append(row)
@@ -141,6 +158,9 @@ class StudyRunner:
     def run(self, only: Iterable[str] | None = None, resume: bool = False) -> list[Outcome]:
         """Run (or, with ``resume``, continue) the selected variants; returns their outcomes."""
         runs = self.selected(only)
+        for variant, seed, _ in runs:  # a column naming no reported metric fails up front
+            if variant.prune is None:
+                self.check_columns(variant.config(seed, self.overrides), variant.name)
         if not resume:
             started = [
                 str(run_dir)

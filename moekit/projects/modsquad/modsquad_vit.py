@@ -172,6 +172,11 @@ class ModSquadViT(nn.Module):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            raise ConfigError(
+                f"config key 'model.num_heads': {num_heads!r} heads do not divide the width "
+                f"dim={dim}; choose a divisor of {dim}"
+            )
         self.task_names = list(tasks)
         num_tasks = len(self.task_names)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
