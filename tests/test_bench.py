@@ -90,3 +90,10 @@ def test_bench_prune_measures_full_and_extracted_models():
     assert extracted["params"] < 0.5 * alone["params"], "a quarter of the experts are kept"
     assert extracted["flops"] <= alone["flops"] < masked["flops"] < full["flops"]
     assert "| shape extracted, keep top 25%, reduce k |" in bench_prune.markdown(result)
+
+
+def test_bench_on_two_threads_also_times_the_loop_with_blocks_in_turn():
+    report = bench_moe.run(**{**TINY, "reps": 1}, p_values=(0.5,), threads=2, masked=False)
+    keys = [row["key"] for row in report.train]
+    assert keys == ["dense", "grouped_mm", "loop", "loop_in_turn", "reference"]
+    assert "expert blocks in turn" in report.markdown()

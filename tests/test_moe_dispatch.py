@@ -125,6 +125,9 @@ def test_workers_run_single_threaded_and_leave_the_callers_threads_alone():
         assert expert_threads.num_workers(torch.device("cpu"), 4) == 2
         assert expert_threads.num_workers(torch.device("cpu"), 3) == 1, "too few blocks"
         assert expert_threads.num_workers(torch.device("meta"), 8) == 1
+        with expert_threads.in_turn():
+            assert expert_threads.num_workers(torch.device("cpu"), 8) == 1
+        assert expert_threads.num_workers(torch.device("cpu"), 8) == 2
         with FlopCounterMode(display=False):
             assert expert_threads.num_workers(torch.device("cpu"), 8) == 1, "modes are per thread"
         parts = expert_threads.run_blocks(

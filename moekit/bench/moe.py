@@ -5,7 +5,8 @@ dense, MoE, ...) and reported as medians, so that drifting machine load hits eve
 
 1. training step (forward + backward) of a MoE-MLP (``E`` experts, top-k, expert hidden
    ``H``) against a dense MLP of hidden ``k * H``: the same active FLOPs (Mod-Squad's
-   ``H_e = H / k`` rule). Each dispatch strategy is timed, plus the Mod-Squad reference code's
+   ``H_e = H / k`` rule). Each dispatch strategy is timed (on several threads, ``loop`` also
+   with its expert blocks in turn instead of side by side), plus the Mod-Squad reference code's
    layer (:mod:`moekit.bench.reference_moe`, routing the same pairs) and the seed-style "dense
    masked" MoE that computes every expert on every token and masks the unselected ones;
 2. inference with top-p routing at several ``p`` against all-experts dense routing of the same
@@ -23,6 +24,7 @@ its own dtype.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -47,6 +49,7 @@ from moekit.bench.timing import (
     time_alternating,
 )
 from moekit.moe.dispatch import STRATEGIES
+from moekit.moe.expert_threads import in_turn, num_workers
 from moekit.moe.mlp import MoEMLP
 
 
@@ -125,13 +128,21 @@ def _zero_grads(*modules: nn.Module) -> Callable[[str], None]:
 
 
 def _train_step(
-    layer: Callable[[Tensor], Any], x: Tensor, grad: Tensor, dtype: str = "float32"
+    layer: Callable[[Tensor], Any],
+    x: Tensor,
+    grad: Tensor,
+    dtype: str = "float32",
+    blocks_in_turn: bool = False,
 ) -> Callable[[], None]:
+    """Forward (under autocast for bf16) and backward; ``blocks_in_turn`` runs the loop
+    dispatch's expert blocks one after the other (:func:`~moekit.moe.expert_threads.in_turn`)."""
+
     def step() -> None:
-        with autocast(x.device, dtype):
-            y = layer(x)
-        y = y[0] if isinstance(y, tuple) else y
-        y.backward(grad.to(y.dtype))
+        with in_turn() if blocks_in_turn else contextlib.nullcontext():
+            with autocast(x.device, dtype):
+                y = layer(x)
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(grad.to(y.dtype))
 
     return step
 
@@ -205,17 +216,21 @@ def _measure(
         for name in STRATEGIES
     }
     reference = ReferenceMoEMLP(moe["loop"])
-    layers: dict[str, Callable[[Tensor], Any]] = {"dense": dense, **moe, "reference": reference}
+    layers: dict[str, Callable[[Tensor], Any]] = {"dense": dense, **moe}
+    if num_workers(dev, experts) > 1:
+        layers["loop_in_turn"] = moe["loop"]
+    layers["reference"] = reference
     if masked:
         layers["masked"] = partial(dense_masked, moe["loop"])
     labels = {
         "dense": f"dense MLP, hidden {k * hidden}",
         **{name: f"MoE-MLP top-{k}, dispatch `{name}`" for name in moe},
+        "loop_in_turn": f"MoE-MLP top-{k}, dispatch `loop`, expert blocks in turn (no workers)",
         "reference": f"MoE-MLP top-{k}, the Mod-Squad reference code's layer (re-implemented)",
         "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, seed-style)",
     }
     fns = {
-        f"{dtype}/{name}": _train_step(layer, x, grad, dtype)
+        f"{dtype}/{name}": _train_step(layer, x, grad, dtype, name == "loop_in_turn")
         for dtype in dtypes
         for name, layer in layers.items()
     }

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -34,14 +35,30 @@ MIN_BLOCKS_PER_WORKER = 2
 _pools: dict[int, ThreadPoolExecutor | None] = {}
 _lock = threading.Lock()
 os.register_at_fork(after_in_child=_pools.clear)  # a forked child has no pool threads
+_in_turn = threading.local()
+
+
+@contextmanager
+def in_turn() -> Iterator[None]:
+    """Run blocks one after the other in the calling thread inside the context (``moekit bench
+    moe`` times the loop dispatch both ways)."""
+    previous = getattr(_in_turn, "on", False)
+    _in_turn.on = True
+    try:
+        yield
+    finally:
+        _in_turn.on = previous
 
 
 def num_workers(device: torch.device, num_blocks: int) -> int:
     """How many workers run ``num_blocks`` blocks: the intra-op thread count ``T`` on the CPU
     when ``T > 1`` and there are at least ``2T`` blocks, else 1 (blocks in turn, each op using
     every thread). Always 1 under a torch function or dispatch mode (a FLOP counter, a memory
-    tracker: modes are per thread and would not see the workers' ops) or while compiling."""
+    tracker: modes are per thread and would not see the workers' ops), while compiling, and
+    inside :func:`in_turn`."""
     if device.type != "cpu" or _in_mode() or torch.compiler.is_compiling():
+        return 1
+    if getattr(_in_turn, "on", False):
         return 1
     threads = torch.get_num_threads()
     return threads if threads > 1 and num_blocks >= MIN_BLOCKS_PER_WORKER * threads else 1
