@@ -112,7 +112,8 @@ def check_components(cfg: Mapping[str, Any]) -> None:
         check_component(sections.value(cfg, key), _registry(registry), key, engine_keys)
     data = cfg.get("data") or {}
     for split in DATASET_KEYS:
-        check_component(data.get(split), _registry("DATASETS"), f"data.{split}", ("seed",))
+        where, engine_keys = f"data.{split}", ("seed", "preprocess")
+        check_component(data.get(split), _registry("DATASETS"), where, engine_keys)
     check_component(data.get("sampler"), _registry("SAMPLERS"), "data.sampler")
     for i, entry in enumerate(cfg.get("aux_losses") or []):
         check_component(entry, _registry("AUX_LOSSES"), f"aux_losses[{i}]", AUX_KEYS)

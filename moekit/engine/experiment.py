@@ -118,7 +118,8 @@ def built_object(cfg_value: Any, given: Any, key: str) -> Any:
 def build_dataset(cfg: Mapping[str, Any], split: str, given: Any = None) -> Any:
     """The ``data.<split>`` dataset (or the dataset or loader object ``given`` for it). One
     that takes a ``seed`` (augmentation, validation split, generated samples) and is given none
-    gets the config's top-level ``seed``."""
+    gets the config's top-level ``seed``; one that takes a ``preprocess`` step gets the
+    config's top-level ``preprocess`` (the same for every split, and for ``moekit predict``)."""
     spec = settings(cfg, "data")[split]
     built = built_object(spec, given, f"data.{split}")
     if built is not None:
@@ -126,9 +127,13 @@ def build_dataset(cfg: Mapping[str, Any], split: str, given: Any = None) -> Any:
     if spec is None:
         raise ConfigError(f"config key 'data.{split}': the config defines no {split} dataset")
     accepted, _ = accepted_kwargs(DATASETS.get(spec["type"]))
+    defaults: dict[str, Any] = {}
     if "seed" in accepted and "seed" not in spec:
-        return DATASETS.build(spec, seed=int(cfg.get("seed", 0)))
-    return DATASETS.build(spec)
+        defaults["seed"] = int(cfg.get("seed", 0))
+    preprocess = value(cfg, "preprocess")
+    if preprocess is not None and "preprocess" in accepted and "preprocess" not in spec:
+        defaults["preprocess"] = preprocess
+    return DATASETS.build(spec, **defaults)
 
 
 def build_model(cfg: Mapping[str, Any], tasks: Mapping[str, Task] | None = None) -> nn.Module:
