@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,21 @@ from accelerate.utils import (
 )
 
 from moekit.errors import ConfigError
+
+
+def intra_op_threads(requested: int | None) -> int:
+    """The intra-op CPU threads of this process: ``train.num_threads``, else
+    ``OMP_NUM_THREADS`` when set, else the CPUs this process may run on shared among the
+    processes a launcher started on this machine (``LOCAL_WORLD_SIZE``; torchrun also sets
+    ``OMP_NUM_THREADS=1`` unless told otherwise). On a machine shared with other jobs, fewer
+    threads than cores is faster (docs/training.md, "Threads")."""
+    if requested is not None:
+        return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def use_cpu(train: Mapping[str, Any]) -> bool:
@@ -72,6 +88,7 @@ def make_accelerator(train: Mapping[str, Any], project_dir: Path | None = None) 
         project = ProjectConfiguration(
             project_dir=str(project_dir), logging_dir=str(project_dir / "tensorboard")
         )
+    torch.set_num_threads(intra_op_threads(train["num_threads"]))
     fresh_accelerator_state()
     return Accelerator(
         cpu=use_cpu(train),
