@@ -52,8 +52,5 @@ def run(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     best = summary["best"]
     if trainer.accelerator.is_main_process:
-        print(
-            f"{summary['status']}: {summary['run_dir']} (best {summary['monitor']} "
-            f"{best['value']} at epoch {best['epoch']})"
-        )
+        print(f"best {summary['monitor']} {best['value']} at epoch {best['epoch']}")
     return 0
