@@ -21,6 +21,12 @@ Grading labels follow from what was painted, so the grading is learnable:
 exudate within one disc diameter of the macula's centre is risk 2). Grades are drawn from the
 release's training distribution and the lesion load is painted to match.
 
+Unlike the release, whose photographs all come from one camera, each photograph comes from one
+of the painter's cameras (:data:`CAMERA_MIX`: IDRiD's clipped circle for 40 %, whole circles
+in other frames, a small portable field...), framed at the camera's aspect ratio and saved at
+its JPEG quality, so that a model trained on the replica meets the framings of other data sets
+(see ``docs/datasets.md``, "What the replica imitates and what it does not").
+
 Everything is a function of ``seed``: image ``i`` of a split and source has its own random
 stream, so a larger replica starts with the same images as a smaller one.
 """
