@@ -1,8 +1,8 @@
 """moekit: Mixture-of-Experts multi-task and multi-modal learning for vision and medical imaging.
 
 The Python door (:mod:`moekit.api`): ``build_model``, ``Trainer``, ``load_run``,
-``evaluate``, ``extract_task``, ``collect_usage``, ``count_flops``; imported on first use, so
-``import moekit`` stays cheap.
+``evaluate``, ``extract_task``, ``collect_usage``, ``count_flops``, ``load_artifact``;
+imported on first use, so ``import moekit`` stays cheap.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _EXPORTS = {
     "evaluate": "moekit.api",
     "extract_task": "moekit.api",
     "LoadedRun": "moekit.api",
+    "load_artifact": "moekit.api",
     "Trainer": "moekit.engine.trainer",
     "collect_usage": "moekit.analysis.usage",
     "count_flops": "moekit.analysis.flops",

@@ -13,6 +13,8 @@ Example::
     trainer.fit()
     metrics = moekit.evaluate(model, test_dataset, tasks)
     small = moekit.extract_task(model, "depth", usage, threshold=0.0)
+    artifact = moekit.load_artifact("exported/")  # written by moekit export
+    prediction = artifact.predictor().predict_file("photo.jpg")
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from moekit.data.collate import collate_samples
 from moekit.engine import checkpoint
 from moekit.engine.evaluation import evaluate_model
 from moekit.engine.experiment import build_model as build_config_model
+from moekit.inference.artifact import Artifact
+from moekit.inference.artifact import load_artifact as load_artifact_folder
 from moekit.registry import import_user_modules
 from moekit.types import Batch, Task, parse_tasks
 
@@ -115,3 +119,11 @@ def extract_task(
     evaluation, no FLOP count, no file: :func:`moekit.analysis.usage.collect_usage` gives
     ``usage``; ``moekit prune`` composes this with measurement."""
     return prune_model(model, usage, task, threshold, keep_top, reduce_k)[0]
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
+    """An artifact folder written by ``moekit export``: the model (eval mode, on ``device``)
+    with its config, tasks, input pipeline and thresholds, without the run directory or its
+    dataset. ``artifact.predictor().predict_file(path)`` predicts one file as ``moekit
+    predict`` does (docs/predict.md)."""
+    return load_artifact_folder(path, device)

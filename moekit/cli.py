@@ -32,6 +32,8 @@ COMMAND_MODULES = (
     "moekit.commands.bench",
     "moekit.commands.usage",
     "moekit.commands.prune",
+    "moekit.commands.export",
+    "moekit.commands.predict",
     "moekit.commands.flops",
     "moekit.commands.viz",
     "moekit.commands.results",
