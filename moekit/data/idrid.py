@@ -333,8 +333,8 @@ class IdridDataset(Dataset):
             ``false`` for resize + normalise (``eval``), or a ``TRANSFORMS`` config mapping
             (``type`` defaults to ``idrid_train``) such as ``{rotate: 10, blur_p: 0}``. Default:
             ``true`` for ``train``, ``false`` otherwise.
-        seed: seeds the augmentation; the stream of each DataLoader worker is restarted from
-            ``(seed, epoch, process rank, worker id)`` (see :meth:`set_epoch`).
+        seed: seeds the augmentation: sample ``i`` of epoch ``e`` is augmented from
+            ``(seed, e, i)`` (see :meth:`set_epoch`).
         preprocess: the ``PREPROCESS`` step that brings each photograph and its masks to
             ``image_size`` before augmentation, the same for every split (a config mapping or
             a name; default :data:`DEFAULT_PREPROCESS`, ``fundus_fov``; ``resize`` for a plain
@@ -387,7 +387,6 @@ class IdridDataset(Dataset):
         self.preprocess = PREPROCESS.build(self.preprocess_config, image_size=self.image_size)
         self.seed = int(seed)
         self.epoch = 0
-        self._seeded_for: tuple[int, int] | None = None
         self.records = self._index(int(val_seed))
         self.transform = self._build_transform(
             self.split == "train" if augment is None else augment
@@ -445,27 +444,11 @@ class IdridDataset(Dataset):
         return [r.key for r in self.records]
 
     def set_epoch(self, epoch: int) -> None:
-        """Restart the augmentation streams for ``epoch``.
-
-        Call it before creating each epoch's DataLoader iterator (with non-persistent workers
-        the workers receive a copy of the dataset at that moment). Worker ``w`` of process
-        ``r`` (the ``RANK`` of a distributed launch, else 0) then draws from
-        ``derived_seed(seed, e, r, w)`` in epoch ``e``, so a run is reproducible for a given number
-        of processes and workers, batch size and sampler, and a run resumed at an epoch
-        boundary repeats the augmentation exactly.
-        """
+        """Draw the augmentation of epoch ``epoch``: sample ``i`` of epoch ``e`` is augmented
+        from ``derived_seed(seed, e, i)``, the same in any loader worker, process, batch size
+        or order, so a run resumed anywhere (at an epoch's end, or in the middle of an epoch
+        after a preemption) repeats the augmentation exactly."""
         self.epoch = int(epoch)
-        self._seeded_for = None
-
-    def _reseed(self) -> None:
-        """Restart the transform's stream when the epoch or the process changed."""
-        state = (self.epoch, os.getpid())
-        if state != self._seeded_for:
-            info = torch.utils.data.get_worker_info()
-            worker = info.id if info is not None else 0
-            rank = int(os.environ.get("RANK", "0"))
-            self.transform.set_seed(derived_seed(self.seed, self.epoch, rank, worker) % 2**32)
-            self._seeded_for = state
 
     def _read_masks(self, record: IdridRecord, geometry: Geometry) -> list[np.ndarray]:
         """The loaded lesions' masks, brought to ``image_size`` by the photograph's geometry
@@ -492,7 +475,7 @@ class IdridDataset(Dataset):
         image, geometry = self.preprocess(decoded)
         is_seg = record.source == "segmentation"
         masks = self._read_masks(record, geometry.rescaled(*full_size)) if is_seg else []
-        self._reseed()
+        self.transform.set_seed(derived_seed(self.seed, self.epoch, index) % 2**32)
         inputs, mask_tensor = self.transform(image, masks)
         targets: dict[str, torch.Tensor] = {}
         has_target: dict[str, bool] = {}
