@@ -107,14 +107,18 @@ class StudyRunner:
         return [run for run in self.study.runs() if run[0].name in names]
 
     def check_columns(self, cfg: Mapping[str, Any], variant: str) -> None:
-        """Every ``metric`` column names a value the variant's evaluation reports."""
+        """Every ``metric`` column of one of the variant's tasks names a value its evaluation
+        reports (a column of a task the variant lacks does not apply: ``–``)."""
         from moekit.engine.evaluation import logged_columns
         from moekit.types import tasks_from_config
 
-        columns = logged_columns(tasks_from_config(cfg))
+        tasks = tasks_from_config(cfg)
+        columns = logged_columns(tasks)
         for column in self.study.columns:
             delta = str(column.arg).startswith("mtl_delta/")  # needs the baselines
-            if column.kind == "metric" and column.arg not in columns and not delta:
+            task, slash, _ = str(column.arg).partition("/")
+            other_task = bool(slash) and task not in tasks
+            if column.kind == "metric" and column.arg not in columns and not (delta or other_task):
                 raise ConfigError(
                     f"{self.study.path}: column '{column.label}': variant '{variant}' reports "
                     f"no metric '{column.arg}'{did_you_mean(str(column.arg), columns)}; "
