@@ -112,7 +112,7 @@ def test_demo_end_to_end_on_a_small_replica(short_replica, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| model" in printed and "this run, synthetic replica" in printed
-    assert "reported by the seed, real IDRiD" in printed and "majority class" in printed
+    assert "reported by the IDRiD paper, real IDRiD" in printed and "majority class" in printed
     results = pd.read_csv(run / "results.csv")
     assert {"rg acc", "mer acc", "OD IoU", "OD Dice", "OD Dice per image"} <= set(results.columns)
     assert list(results["model"])[:2] == ["idrid_demo", "majority class (test split)"]
@@ -128,7 +128,7 @@ def test_demo_end_to_end_on_a_small_replica(short_replica, tmp_path, capsys):
     out = tmp_path / "table"
     assert main(["results", str(run), str(run), "--checkpoint", "last", "--out", str(out)]) == 0
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 3 and "reported by the seed, real IDRiD" not in set(table["source"])
+    assert len(table) == 3 and "reported by the IDRiD paper, real IDRiD" not in set(table["source"])
     assert "top_p" in (out / "results.md").read_text()
 
 

@@ -15,11 +15,11 @@ from moekit.config import SHIPPED_CONFIGS, shipped_path
 from moekit.data.idrid import LAYOUT
 from moekit.errors import ConfigError, DataError
 from moekit.projects.idrid.table import (
-    SEED_SOURCE,
+    REFERENCE_SOURCE,
     majority_row,
     markdown,
+    reference_rows,
     result_row,
-    seed_rows,
     table1,
     write_results,
 )
@@ -53,9 +53,13 @@ def test_table1_keeps_one_decimal_and_dashes_for_missing_tasks():
     assert "| - " in text
 
 
-def test_seed_reference_rows_are_labelled_and_match_reference_md():
-    rows = seed_rows()
-    assert {r["source"] for r in rows} == {SEED_SOURCE} == {"reported by the seed, real IDRiD"}
+def test_reference_rows_are_labelled_and_match_reference_md():
+    rows = reference_rows()
+    assert (
+        {r["source"] for r in rows}
+        == {REFERENCE_SOURCE}
+        == {"reported by the IDRiD paper, real IDRiD"}
+    )
     table = table1(rows, TASKS).set_index("model")
     assert table.loc["ResNet-50 (single-task)", "rg"] == "54.3"
     assert table.loc["ResNet-50 (single-task)", "OD"] == "-"
@@ -71,12 +75,15 @@ def test_majority_row_is_the_share_of_the_most_frequent_class():
 
 
 def test_write_results_into_a_chosen_folder(tmp_path):
-    rows = [result_row("a", metrics(**{"rg/accuracy": 0.25}), TASKS, "test", "x"), *seed_rows()]
+    rows = [
+        result_row("a", metrics(**{"rg/accuracy": 0.25}), TASKS, "test", "x"),
+        *reference_rows(),
+    ]
     write_results(tmp_path / "out", rows, TASKS, ["a note"])
     text = (tmp_path / "out" / "results.md").read_text()
     assert text.startswith("| model") and text.rstrip().endswith("a note")
     frame = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert len(frame) == 4 and list(frame["source"])[1:] == [SEED_SOURCE] * 3
+    assert len(frame) == 4 and list(frame["source"])[1:] == [REFERENCE_SOURCE] * 3
 
 
 class Sourced:

@@ -4,7 +4,7 @@ Loads and checks ``configs/idrid/demo.yaml`` (found beside the moekit checkout w
 not there relative to the current directory), writes the replica if its folder holds neither
 part of it (a folder holding only one of ``A. Segmentation`` / ``B. Disease Grading`` is an
 error, not silently used), trains, evaluates the best checkpoint on the test split and prints
-the results table (``moekit results``) beside the seed's reported Table 1, each row labelled
+the results table (``moekit results``) beside the IDRiD paper's reported Table 1, each row labelled
 with where its numbers come from.
 """
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote the synthetic IDRiD replica to {data}")
     trainer = Trainer(cfg, run_dir=args.run_dir)
     summary = trainer.fit()
-    print(report(summary["run_dir"], "test", "best", sources=[RUN_SOURCE], seed_reference=True))
+    print(report(summary["run_dir"], "test", "best", sources=[RUN_SOURCE], reference=True))
     print(
         f"\nrun directory: {summary['run_dir']} (results.md/csv; figures/: training curves and "
         "predictions_test.png; usage/: expert usage)"

@@ -1,15 +1,16 @@
 """``moekit results RUN_DIR [RUN_DIR ...] [--split test] [--checkpoint best] [--out DIR]
-[--seed-reference]``: one results table over several runs (rows: models).
+[--reference]``: one results table over several runs (rows: models).
 
 Evaluates each run's checkpoint on the split and writes ``results.csv`` / ``results.md`` (the
-IDRiD seed's Table-1 shape: one row per run, e.g. the single-task ResNet-50, the single-task
+IDRiD paper's Table-1 shape: one row per run, e.g. the single-task ResNet-50, the single-task
 DeepLabV3+ and the multi-task MoE) into ``--out`` (default: the first run directory). Adds a
 row with the majority-class rate of the split's grading tasks (the accuracy of always
-predicting the most frequent class) and, with ``--seed-reference``, the seed's reported Table 1
-as rows labelled "reported by the seed, real IDRiD". For every run it also counts expert usage
-(``usage/`` in the run: the mean number of experts each task's gate selects, which top-p
-varies) and draws prediction overlays of a few images (``figures/predictions_<split>.png``, the
-seed's Figures 4/5), thresholded at the run's ``eval.threshold``.
+predicting the most frequent class) and, with ``--reference``, the IDRiD paper's reported
+Table 1 as rows labelled "reported by the IDRiD paper, real IDRiD". For every run it also
+counts expert usage (``usage/`` in the run: the mean number of experts each task's gate
+selects, which top-p varies) and draws prediction overlays of a few images
+(``figures/predictions_<split>.png``, the paper's Figures 4/5), thresholded at the run's
+``eval.threshold``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", help="folder for results.md / results.csv (default: the first run directory)"
     )
     parser.add_argument(
-        "--seed-reference",
+        "--reference",
         action="store_true",
-        help="add the seed's reported Table 1 (real IDRiD) as labelled reference rows",
+        help="add the IDRiD paper's reported Table 1 (real IDRiD) as labelled reference rows",
     )
 
 
@@ -82,7 +83,7 @@ def report(
     checkpoint: str = "best",
     out_dir: str | Path | None = None,
     sources: Sequence[str] | None = None,
-    seed_reference: bool = False,
+    reference: bool = False,
 ) -> str:
     """Evaluate every run, count its expert usage, draw its prediction overlays and write one
     results table (a row per run) into ``out_dir`` (default: the first run); return the
@@ -98,8 +99,8 @@ def report(
     from moekit.projects.idrid.table import (
         majority_row,
         markdown,
+        reference_rows,
         result_row,
-        seed_rows,
         write_results,
     )
     from moekit.sections import settings
@@ -143,17 +144,17 @@ def report(
     table_rows = list(rows)
     if labels:
         table_rows.append(majority_row(labels, split, f"{split}-split label counts"))
-    if seed_reference:
-        table_rows += seed_rows()
+    if reference:
+        table_rows += reference_rows()
     notes = [
         "Accuracy in %; IoU/Dice on the foreground, dataset-level (per-image means in "
         "results.csv); `-`: the model has no such task. The majority-class row is the accuracy "
         "of always predicting the split's most frequent class.",
     ]
-    if seed_reference:
+    if reference:
         notes.append(
-            "Rows 'reported by the seed, real IDRiD' are the seed's Table 1 (Roy 2025: "
-            "ResNet-50 backbones from ImageNet weights, the seed's image sizes, 100 epochs, "
+            "Rows 'reported by the IDRiD paper, real IDRiD' are its Table 1 (Roy 2025: "
+            "ResNet-50 backbones from ImageNet weights, the paper's image sizes, 100 epochs, "
             "the real IDRiD test split), copied for reference, not measured here."
         )
     if selected:
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 args.split,
                 args.checkpoint,
                 out_dir=args.out,
-                seed_reference=args.seed_reference,
+                reference=args.reference,
             )
         )
     return 0

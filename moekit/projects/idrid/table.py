@@ -1,11 +1,11 @@
-"""Results tables in the shape of the IDRiD seed's Table 1 (rows: models; columns: grading
+"""Results tables in the shape of the IDRiD paper's Table 1 (rows: models; columns: grading
 accuracy, then IoU/Dice per lesion).
 
-Accuracy is reported in percent as in the seed. IoU and Dice are foreground-only and
-dataset-level (intersections and unions summed over the split, the seed's way); the per-image
+Accuracy is reported in percent as in the paper. IoU and Dice are foreground-only and
+dataset-level (intersections and unions summed over the split, the paper's way); the per-image
 means are kept in the CSV beside them. A model without a task shows ``-`` in its column, as in
-the seed's table. Every row carries a ``source`` (what produced the numbers: a run of this
-machine, a constant predictor, the seed's paper), so reported and measured numbers are never
+the paper's table. Every row carries a ``source`` (what produced the numbers: a run of this
+machine, a constant predictor, the IDRiD paper), so reported and measured numbers are never
 mixed without a label.
 """
 
@@ -23,7 +23,7 @@ from moekit.types import Task
 
 Row = Mapping[str, float | str]
 
-SEED_SOURCE = "reported by the seed, real IDRiD"
+REFERENCE_SOURCE = "reported by the IDRiD paper, real IDRiD"
 
 
 def _lesions(iou_dice: Mapping[str, tuple[float, float]]) -> dict[str, float]:
@@ -63,12 +63,13 @@ SEED_TABLE1: tuple[dict[str, float | str], ...] = (
         ),
     },
 )
-"""The seed's Table 1 (Roy 2025; ResNet-50 backbones, 3 experts per task, IDRiD test split)."""
+"""The IDRiD paper's Table 1 (Roy 2025; ResNet-50 backbones, 3 experts per task, IDRiD test
+split)."""
 
 
-def seed_rows() -> list[dict[str, float | str]]:
-    """The seed's reported Table-1 rows, labelled :data:`SEED_SOURCE`."""
-    return [{"model": row["model"], "source": SEED_SOURCE, **row} for row in SEED_TABLE1]
+def reference_rows() -> list[dict[str, float | str]]:
+    """The IDRiD paper's reported Table-1 rows, labelled :data:`REFERENCE_SOURCE`."""
+    return [{"model": row["model"], "source": REFERENCE_SOURCE, **row} for row in SEED_TABLE1]
 
 
 def result_row(
@@ -120,7 +121,7 @@ def _number(value: object, digits: int) -> str:
 
 
 def table1(rows: Sequence[Row], tasks: Mapping[str, Task]) -> pd.DataFrame:
-    """Format rows as the seed's Table 1: ``acc`` with one decimal, lesions as ``IoU/Dice``
+    """Format rows as the IDRiD paper's Table 1: ``acc`` with one decimal, lesions as ``IoU/Dice``
     (two decimals), ``-`` where a model has no value; a ``source`` column when rows carry one.
     """
     frame = pd.DataFrame(rows)
