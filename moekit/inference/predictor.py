@@ -277,5 +277,6 @@ class Predictor:
             return int(np.argmax(result.probs))
         if task.kind == "multilabel":
             limits = torch.tensor(self.thresholds[name], dtype=torch.float64)
-            return above_threshold(torch.from_numpy(result.probs).double(), limits).numpy()
+            probs = torch.from_numpy(result.probs).double()[None]  # [1, C]: classes on dim 1
+            return above_threshold(probs, limits)[0].numpy()
         return result.probs

@@ -105,7 +105,9 @@ def export_program(
             f"(> {TOLERANCE:g}); nothing written"
         )
     if fmt == "torchscript":
-        torch.jit.save(program, str(path))
+        with warnings.catch_warnings():  # deprecated in favour of torch.export, still loadable
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(program, str(path))
     else:
         torch.export.save(exported, str(path))
     return difference
