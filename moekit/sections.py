@@ -10,9 +10,11 @@ config file does not write it. docs/training.md documents every key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from moekit.errors import ConfigError
 from moekit.schema import (
     Field,
     Section,
@@ -30,10 +32,36 @@ from moekit.schema import (
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
+
+def regex(value: Any, key: str) -> str:
+    """A regular expression (matched against whole names)."""
+    string(value, key)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"config key '{key}': '{value}' is not a valid regex ({exc})") from None
+    return value
+
+
+STAGE = {
+    "epochs": Field(None, integer(1), "epochs of the stage", required=True),
+    "trainable": Field("all", regex, "head (all but the backbone), all, or a regex"),
+    "optimizer": Field(None, optional(mapping), "merged over the optimizer section"),
+    "scheduler": Field(None, optional(mapping), "merged over the scheduler section"),
+}
+"""The keys of one ``train.stages`` entry (:mod:`moekit.engine.stages`)."""
+
+
+def stages_check(value: Any, key: str) -> list[dict[str, Any]]:
+    """A list of stages, each ``{epochs, trainable, optimizer, scheduler}`` (:data:`STAGE`)."""
+    stages = list_of(mapping)(value, key)
+    return [Section(f"{key}[{i}]", STAGE).parse(stage) for i, stage in enumerate(stages)]
+
+
 TRAIN = Section(
     "train",
     {
-        "epochs": Field(1, integer(1), "epochs to train"),
+        "epochs": Field(1, optional(integer(1)), "epochs to train (with stages: their sum)"),
         "grad_accum": Field(1, integer(1), "batches whose gradients add up to one step"),
         "clip_grad": Field(None, optional(number(0.0)), "max global gradient norm (null: off)"),
         "mixed_precision": Field("no", choice(*MIXED_PRECISION), "autocast precision"),
@@ -47,6 +75,7 @@ TRAIN = Section(
         "log_with": Field(None, optional(choice("tensorboard")), "experiment tracker"),
         "save_best": Field(True, boolean, "keep checkpoints/best by eval.monitor"),
         "curves": Field(True, boolean, "draw training curves at the end"),
+        "stages": Field([], stages_check, "staged fine-tuning: the stages' epochs add up"),
     },
     "the training loop",
 )
@@ -74,6 +103,9 @@ EVAL = Section(
         "threshold": Field(
             0.5, number(0.0, 1.0, below_maximum=True), "probability threshold of masks"
         ),
+        "thresholds": Field(
+            None, optional(choice("tune")), "tune: per-class thresholds tuned on val, kept for test"
+        ),
     },
     "evaluation",
 )
@@ -86,6 +118,15 @@ DEBUG = Section(
     },
     "test hooks",
 )
+
+
+def weights_check(value: Any, key: str) -> str | dict[str, str]:
+    """``finetune.weights``: a regex, or a mapping ``{regex: name template}``."""
+    if isinstance(value, Mapping):
+        return {regex(k, f"{key}.{k}"): string(v, f"{key}.{k}") for k, v in value.items()}
+    return regex(value, key)
+
+
 FINETUNE = Section(
     "finetune",
     {
@@ -93,6 +134,7 @@ FINETUNE = Section(
         "checkpoint": Field("best", choice("best", "last"), "checkpoint of the init run"),
         "mode": Field("all", choice("all", "heads", "routers"), "what is trained"),
         "tasks": Field(None, optional(list_of(string)), "tasks to fine-tune"),
+        "weights": Field(None, optional(weights_check), "regex or {regex: init name} (null: all)"),
     },
     "start from another run's weights",
 )
@@ -146,11 +188,29 @@ ROOT = Section(
 
 
 def settings(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The checked section ``name`` of ``cfg`` with its defaults filled in."""
+    """The checked section ``name`` of ``cfg`` with its defaults filled in.
+
+    With ``train.stages``, ``train.epochs`` is the sum of the stages' epochs (``null`` or left
+    out; a different value is an error); without, ``null`` is an error."""
     spec = ROOT.fields[name]
     if not isinstance(spec, Section):
         raise KeyError(f"'{name}' is not a section")
-    return spec.parse(cfg.get(name))
+    parsed = spec.parse(cfg.get(name))
+    if name == "train":
+        written = (cfg.get("train") or {}).get("epochs", None)
+        total = sum(stage["epochs"] for stage in parsed["stages"])
+        if not parsed["stages"] and parsed["epochs"] is None:
+            raise ConfigError(
+                "config key 'train.epochs': expected an integer >= 1 (null only with train.stages)"
+            )
+        if parsed["stages"] and written is not None and written != total:
+            raise ConfigError(
+                f"config key 'train.epochs': {written}, but train.stages add up to {total} "
+                "epochs; set it to null or leave it out"
+            )
+        if parsed["stages"]:
+            parsed["epochs"] = total
+    return parsed
 
 
 def value(cfg: Mapping[str, Any], name: str) -> Any:

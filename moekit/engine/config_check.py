@@ -7,7 +7,7 @@ found before anything is built or written.
 4. every component — a ``{type: name, ...}`` mapping (or a bare name) under a key that names
    a registry — names a registered entry, and every argument it sets is one that entry
    accepts, checked against the entry's signature; the error names the dotted key;
-5. the phase schedules are valid.
+5. the phase schedules and the stages (``train.stages``) are valid.
 
 Which registry a component belongs to is decided by its place: the top-level sections
 (``model``, ``optimizer``, ``data.train``...) and, inside components, the key that holds it
@@ -24,6 +24,7 @@ from typing import Any
 from moekit import sections
 from moekit.engine.optim import ENGINE_OPTIMIZER_KEYS, ENGINE_SCHEDULER_KEYS
 from moekit.engine.schedule import parse_phases, router_config
+from moekit.engine.stages import parse_stages, stage_config
 from moekit.errors import ConfigError
 from moekit.registry import REGISTRIES, Registry, import_user_modules
 from moekit.types import tasks_from_config
@@ -135,6 +136,11 @@ def check_phases(cfg: Mapping[str, Any]) -> None:
         router, _ = router_config(phase, where)
         check_component(router, _registry("ROUTERS"), f"{where}.router")
     parse_phases(cfg.get("freeze_schedule"), "freeze_schedule")
+    for stage in parse_stages(cfg):  # also checks train.epochs against the stages
+        staged = stage_config(cfg, stage)
+        for key in ("optimizer", "scheduler"):
+            registry, engine_keys = TOP_LEVEL[key]
+            check_component(staged[key], _registry(registry), f"{stage.key}.{key}", engine_keys)
 
 
 def check_config(cfg: Mapping[str, Any], source: str = "") -> None:

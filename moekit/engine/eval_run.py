@@ -16,7 +16,7 @@ from moekit.engine.evaluation import evaluate_loop
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
-from moekit.errors import ConfigError
+from moekit.errors import CheckpointError, ConfigError
 from moekit.fileio import atomic_write_text
 from moekit.registry import METRICS
 from moekit.sections import settings
@@ -32,7 +32,9 @@ def evaluate_run(
     """Evaluate ``checkpoints/<which>`` of ``run_dir`` on ``split``.
 
     ``mtl_delta`` (``{baselines, variant}``) replaces the run's ``eval.mtl_delta``.
-    Writes ``<run_dir>/eval/<split>-<which>.json`` and returns ``{"<split>/<column>": value}``.
+    With ``eval.thresholds: tune`` the checkpoint's per-class thresholds (tuned on ``val``) are
+    applied unchanged. Writes ``<run_dir>/eval/<split>-<which>.json`` and returns
+    ``{"<split>/<column>": value}``.
     Runs on any number of processes (metrics are gathered across them).
     """
     run_dir = Path(run_dir)
@@ -58,6 +60,7 @@ def evaluate_run(
         threshold=settings(cfg, "eval")["threshold"],
         autocast=accelerator.autocast,
         gather=accelerator.gather_for_metrics,
+        thresholds=tuned_thresholds(cfg, path),
     )
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:
@@ -67,6 +70,20 @@ def evaluate_run(
             json.dumps({"checkpoint": str(path), "metrics": json_safe(result)}, indent=2) + "\n",
         )
     return result
+
+
+def tuned_thresholds(cfg: Mapping[str, Any], path: Path) -> dict[str, list[float]] | None:
+    """The per-class thresholds tuned on validation and kept in the checkpoint at ``path``
+    (``eval.thresholds: tune``; None otherwise), to apply unchanged to any split."""
+    if settings(cfg, "eval")["thresholds"] != "tune":
+        return None
+    found = checkpoint.read_state(path).get("thresholds")
+    if not found:
+        raise CheckpointError(
+            f"{path}: eval.thresholds is tune, but the checkpoint holds no tuned thresholds "
+            "(saved before its first validation?)"
+        )
+    return {task: [float(t) for t in values] for task, values in found.items()}
 
 
 def primary_metrics(tasks: Mapping[str, Task]) -> list[str]:

@@ -8,15 +8,19 @@ Names: a value of split ``s`` is ``s/<column>``, where the columns of a split ar
 - ``mtl_delta/<variant>`` and ``mtl_delta/<task>/<metric>`` when ``eval.mtl_delta`` is set.
 
 Training adds ``objective`` (the minimised total), ``aux/<name>``, ``<task>/weight``,
-``lr/<group>`` and ``time``. Every statistic is additive per sample, so the values of a split
-are exact under any batching and process count: evaluation gathers per-sample rows with
-``accelerator.gather_for_metrics`` (which drops the samples padded into the last batch).
+``lr/<group>`` and ``time``. With ``eval.thresholds: tune`` an evaluation of a multi-label task
+also reports ``<task>/threshold/<class>``: the per-class thresholds it tuned (on ``val``) or
+applied (on any other split), at which its thresholded metrics are computed.
+
+Every statistic is additive per sample, so the values of a split are exact under any batching
+and process count: evaluation gathers per-sample rows with ``accelerator.gather_for_metrics``
+(which drops the samples padded into the last batch).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -24,24 +28,57 @@ import torch
 from torch import Tensor
 
 from moekit.metrics.base import Metric
+from moekit.metrics.thresholds import tune_thresholds
 from moekit.registry import METRICS, accepted_kwargs
 from moekit.types import Batch, Task, run_model
 
+Thresholds = Mapping[str, Sequence[float]]
+"""Per-class decision thresholds by task (``eval.thresholds``)."""
 
-def build_metrics(task: Task, threshold: float | None = None) -> dict[str, Metric]:
+
+def thresholded(spec_type: str) -> bool:
+    """Whether the metric registered as ``spec_type`` takes a decision ``threshold``."""
+    return "threshold" in accepted_kwargs(METRICS.get(spec_type))[0]
+
+
+def build_metrics(
+    task: Task, threshold: float | Sequence[float] | None = None
+) -> dict[str, Metric]:
     """The metrics a task's config lists, by column name.
 
-    ``threshold`` (``eval.threshold``) is passed to every metric that takes a ``threshold`` and
-    is not given its own in the task's config.
+    ``threshold`` (``eval.threshold``, or the task's per-class thresholds) is passed to every
+    metric that takes a ``threshold`` and is not given its own in the task's config.
     """
     class_names = task.options.get("class_names")
     metrics = {}
     for spec in task.metrics:
         defaults: dict[str, Any] = {"num_classes": task.num_classes, "class_names": class_names}
-        if threshold is not None and "threshold" in accepted_kwargs(METRICS.get(spec.type))[0]:
-            defaults["threshold"] = float(threshold)
+        if threshold is not None and thresholded(spec.type):
+            defaults["threshold"] = (
+                float(threshold) if isinstance(threshold, int | float) else list(threshold)
+            )
         metrics[spec.name] = METRICS.build(spec.config(), **defaults)
     return metrics
+
+
+def threshold_columns(task_name: str, task: Task, values: Sequence[float]) -> dict[str, float]:
+    """``{"<task>/threshold/<class>": t}`` of per-class thresholds."""
+    names = task.options.get("class_names") or [str(c) for c in range(task.num_classes)]
+    return {f"{task_name}/threshold/{c}": float(t) for c, t in zip(names, values, strict=True)}
+
+
+def read_threshold_columns(
+    tasks: Mapping[str, Task], values: Mapping[str, Any]
+) -> dict[str, list[float]]:
+    """The per-class thresholds of each task found among ``values`` (the columns of
+    :func:`threshold_columns`, e.g. a checkpoint's row)."""
+    found = {}
+    for name, task in tasks.items():
+        names = task.options.get("class_names") or [str(c) for c in range(task.num_classes)]
+        keys = [f"{name}/threshold/{c}" for c in names]
+        if all(values.get(k) is not None for k in keys):
+            found[name] = [float(values[k]) for k in keys]
+    return found
 
 
 def logged_columns(tasks: Mapping[str, Task], mtl_delta: Any | None = None) -> list[str]:
@@ -71,9 +108,14 @@ class MetricTracker:
         tasks: Mapping[str, Task],
         mtl_delta: Any | None = None,
         threshold: float | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.tasks = dict(tasks)
-        self.metrics = {name: build_metrics(task, threshold) for name, task in self.tasks.items()}
+        per_task = dict(thresholds or {})
+        self.metrics = {
+            name: build_metrics(task, per_task.get(name, threshold))
+            for name, task in self.tasks.items()
+        }
         self.mtl_delta = mtl_delta
         self.widths = [2 + sum(m.num_stats for m in ms.values()) for ms in self.metrics.values()]
         self.total = torch.zeros(sum(self.widths), dtype=torch.float64)
@@ -200,15 +242,23 @@ def evaluate_loop(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     gather: Callable[[Any], Any] = lambda rows: rows,
     device: torch.device | str | None = None,
+    thresholds: Thresholds | None = None,
+    tune: bool = False,
 ) -> dict[str, float]:
     """Losses and metrics of ``model`` over ``batches``.
 
     ``objective`` provides the per-sample task losses (:class:`MultiTaskObjective`, unwrapped);
-    ``threshold`` is ``eval.threshold`` (see :func:`build_metrics`). Under accelerate the
-    trainer passes its ``autocast`` and ``gather_for_metrics`` (so every process gets the same
-    values); ``device``, when given, is where each batch is moved.
+    ``threshold`` is ``eval.threshold`` (see :func:`build_metrics`), ``thresholds`` per-class
+    thresholds of some tasks that replace it (tuned earlier, applied unchanged). With ``tune``,
+    the thresholds of every multi-label task are tuned on these batches for the highest F1
+    per class (:func:`moekit.metrics.thresholds.tune_thresholds`) and its thresholded metrics
+    are computed at them. Either way the values include ``<task>/threshold/<class>``. Under
+    accelerate the trainer passes its ``autocast`` and ``gather_for_metrics`` (so every process
+    gets the same values); ``device``, when given, is where each batch is moved.
     """
-    tracker = MetricTracker(tasks, mtl_delta, threshold)
+    tracker = MetricTracker(tasks, mtl_delta, threshold, thresholds)
+    tuned = [name for name, task in tasks.items() if tune and task.kind == "multilabel"]
+    kept: dict[str, list[Tensor]] = {name: [] for name in tuned}
     was_training = model.training
     model.eval()
     try:
@@ -219,6 +269,42 @@ def evaluate_loop(
                 preds = run_model(model, batch, batch.has_target).preds
             rows = tracker.rows(preds, batch, objective.sample_losses(preds, batch))
             tracker.accumulate(gather(rows))
+            for name in tuned:
+                kept[name].append(gather(_score_rows(preds[name], batch, name)).cpu())
     finally:
         model.train(was_training)
-    return tracker.compute()
+    values = tracker.compute()
+    for name, chosen in (thresholds or {}).items():
+        values.update(threshold_columns(name, tasks[name], chosen))
+    for name in tuned:
+        values.update(_at_tuned_thresholds(name, tasks[name], torch.cat(kept[name])))
+    if tuned and mtl_delta is not None:  # of the values at the tuned thresholds
+        delta = mtl_delta(values, metric_directions(tasks))
+        values.update({f"mtl_delta/{k}": v for k, v in delta.items()})
+    return values
+
+
+def _score_rows(pred: Tensor, batch: Batch, name: str) -> Tensor:
+    """``[B, 2C + 1]``: logits, labels and whether the sample is labelled."""
+    pred = pred.detach().float()
+    labels = batch.targets[name].to(pred.device).float().reshape(pred.shape)
+    labelled = batch.labelled(name).to(pred.device).float().unsqueeze(1)
+    return torch.cat([pred, labels, labelled], dim=1)
+
+
+def _at_tuned_thresholds(name: str, task: Task, rows: Tensor) -> dict[str, float]:
+    """Tune ``task``'s per-class thresholds on the kept rows; its thresholded metrics there."""
+    classes = task.num_classes
+    rows = rows[rows[:, 2 * classes] > 0.5]
+    logits, labels = rows[:, :classes], rows[:, classes : 2 * classes]
+    chosen = tune_thresholds(torch.sigmoid(logits), labels).tolist()
+    values = threshold_columns(name, task, chosen)
+    metrics = build_metrics(task, chosen)
+    for spec in task.metrics:
+        if not thresholded(spec.type):
+            continue
+        metric = metrics[spec.name]
+        metric.update(logits, labels)
+        for suffix, value in metric.compute().items():
+            values[f"{name}/{spec.name}" + (f"/{suffix}" if suffix else "")] = value
+    return values

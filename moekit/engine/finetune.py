@@ -10,6 +10,7 @@ initial run keep their trained router rows and heads, new tasks get fresh ones::
       checkpoint: best                      # best | last checkpoint of the init run
       mode: routers                         # all | heads | routers
       tasks: null                           # tasks to fine-tune (default: those init lacks)
+      weights: null                         # what to load (default: all), see init_names
 
 ``finetune: routers`` is short for ``{mode: routers}``. Modes:
 
@@ -25,8 +26,9 @@ initial run keep their trained router rows and heads, new tasks get fresh ones::
   is tuned with them rather than left random.
 
 Freezing sets ``requires_grad`` on parameters, never on modules; frozen batch-norm layers
-run in eval mode even while the model trains: they normalise with their running statistics
-and never update them, so the new tasks train on the features they are evaluated on.
+run in eval mode even while the model trains (:func:`keep_frozen_batchnorm_in_eval`, the one
+rule of every freezing mechanism): they normalise with their running statistics and never
+update them, so the new tasks train on the features they are evaluated on.
 Everything else stays as trained, so the tasks shared with the init run compute exactly what
 they did. Weights are matched by name; per-task tensors (router gates and ``task_embed``) are
 matched row by row by task name.
@@ -39,6 +41,7 @@ file has moved.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from moekit.engine import checkpoint
-from moekit.errors import CheckpointError, ConfigError
+from moekit.errors import CheckpointError, ConfigError, did_you_mean
 from moekit.routing.gate import Gate
 from moekit.sections import FINETUNE, value
 
@@ -116,18 +119,60 @@ def task_tensors(model: nn.Module, num_tasks: int) -> dict[str, str]:
     return names
 
 
-def load_init_weights(model: nn.Module, tasks: Sequence[str], ckpt: str | Path) -> dict[str, int]:
+Weights = str | Mapping[str, str]
+"""``finetune.weights``: a regex of the model's tensor names, or ``{regex: init name}``."""
+
+
+def init_names(names: Sequence[str], weights: Weights) -> dict[str, str]:
+    """The model tensors ``weights`` selects, each with its name in the init run.
+
+    A regex selects the tensors whose whole name it matches, under the same name; a mapping
+    ``{regex: template}`` renames: the template is expanded with the match's groups
+    (``{"backbone\\.(.*)": "backbone.body.\\1"}`` takes a model's ``backbone.*`` from another
+    model's ``backbone.body.*``). A regex that selects nothing is a :class:`ConfigError`.
+    """
+    rules = {weights: None} if isinstance(weights, str) else dict(weights)
+    chosen: dict[str, str] = {}
+    for pattern, template in rules.items():
+        regex = re.compile(pattern)
+        matches = {n: m for n in names if n not in chosen and (m := regex.fullmatch(n))}
+        if not matches:
+            raise ConfigError(
+                f"config key 'finetune.weights': '{pattern}' matches no tensor of the model"
+                f"{did_you_mean(pattern, list(names))}"
+            )
+        chosen.update(
+            {n: n if template is None else m.expand(template) for n, m in matches.items()}
+        )
+    return chosen
+
+
+def load_init_weights(
+    model: nn.Module, tasks: Sequence[str], ckpt: str | Path, weights: Weights | None = None
+) -> dict[str, int]:
     """Load a checkpoint of a model trained on other (or more, or fewer) tasks, by name.
 
     Per-task rows are copied for the tasks both share; heads of tasks the checkpoint lacks keep
     their fresh initialisation. Any other difference (a missing, extra or reshaped tensor) is a
-    :class:`CheckpointError` naming the tensor. Returns counts of the tensors loaded.
+    :class:`CheckpointError` naming the tensor. ``weights`` (``finetune.weights``,
+    :func:`init_names`) restricts all of this to the tensors it selects: the others keep their
+    fresh initialisation, whatever the init run holds (``backbone\\..*`` takes a pretrained
+    backbone under a new attention block and classifier). Returns counts of the tensors loaded.
     """
     ckpt = Path(ckpt)
     file = ckpt / checkpoint.MODEL_FILE
     old_tasks = list(checkpoint.read_config(ckpt).get("tasks") or {})
     state = load_file(str(file))
     own = model.state_dict()
+    if weights is not None:
+        names = init_names(list(own), weights)
+        missing = [n for n, old in names.items() if old not in state]
+        if missing:
+            raise CheckpointError(
+                f"{file}: the init run has no '{names[missing[0]]}' (for '{missing[0]}')"
+            )
+        own = {n: own[n] for n in names}
+        state = {n: state[old] for n, old in names.items()}
     per_task = task_tensors(model, len(tasks))
     new_heads = tuple(f"heads.{t}." for t in tasks if t not in old_tasks)
     old_heads = tuple(f"heads.{t}." for t in old_tasks if t not in tasks)
@@ -153,7 +198,7 @@ def load_init_weights(model: nn.Module, tasks: Sequence[str], ckpt: str | Path) 
                 raise CheckpointError(_shape_error(file, key, value, target))
             target.copy_(value)
             loaded["tensors"] += 1
-    extra = [k for k in state if k not in own and not k.startswith(old_heads)]
+    extra = [k for k in state if k not in own and not k.startswith(old_heads)]  # weights: none
     if extra:
         raise CheckpointError(f"{file}: '{extra[0]}' of the init run has no place in the model")
     return loaded
@@ -184,7 +229,7 @@ def initialise(model: nn.Module, cfg: Mapping[str, Any]) -> str | None:
             f"loaded, {counts['upcycled']} MoE layers upcycled"
         )
     ckpt = _init_checkpoint(settings)
-    counts = load_init_weights(model, list(cfg["tasks"]), ckpt)
+    counts = load_init_weights(model, list(cfg["tasks"]), ckpt, settings["weights"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return (
@@ -194,10 +239,44 @@ def initialise(model: nn.Module, cfg: Mapping[str, Any]) -> str | None:
     )
 
 
-def _run_in_eval_mode(module: nn.Module, _inputs: tuple) -> None:
-    """Forward pre-hook of a frozen batch-norm layer: normalise with the running statistics
-    (``model.train()`` switches it back to training mode before every epoch)."""
-    module.train(False)
+FROZEN_BN_HOOK = "_moekit_frozen_bn_hook"
+"""Attribute marking a batch-norm layer that has the hook of
+:func:`keep_frozen_batchnorm_in_eval`."""
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters(recurse=False))
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def _eval_if_frozen(module: nn.Module, _inputs: tuple) -> None:
+    """Forward pre-hook of a batch-norm layer: while none of its parameters requires a gradient,
+    normalise with the running statistics and leave them as they are (``model.train()``
+    switches it back to training mode before every epoch; the hook decides again at every
+    forward, so a layer unfrozen by a later stage trains normally)."""
+    if module.training and _is_frozen(module):
+        module.train(False)
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module) -> int:
+    """Make every batch-norm layer of ``model`` run in eval mode whenever its parameters are
+    frozen, by whatever mechanism (``train.freeze``, ``freeze_schedule``, ``train.stages``,
+    ``finetune``, or ``requires_grad_(False)`` by hand).
+
+    A frozen layer that kept training mode would still move its running mean and variance with
+    every batch, so the "frozen" backbone would change, and it would normalise each batch with
+    that batch's statistics while training but with the running ones at evaluation. Installs a
+    forward pre-hook once per layer (a second call adds none); returns the layers hooked now.
+    """
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not getattr(
+            module, FROZEN_BN_HOOK, False
+        ):
+            module.register_forward_pre_hook(_eval_if_frozen)
+            setattr(module, FROZEN_BN_HOOK, True)
+            hooked += 1
+    return hooked
 
 
 def freeze(
@@ -214,6 +293,11 @@ def freeze(
     settings = finetune_settings(cfg)
     if settings is None or settings["mode"] == "all":
         return
+    if value(cfg, "train")["stages"]:
+        raise ConfigError(
+            f"config key 'train.stages': finetune.mode {settings['mode']} decides what trains "
+            "too; use one of them (a stage's trainable can name the same parameters)"
+        )
     tuned = settings["tasks"]
     if tuned is None:
         raise ConfigError(
@@ -229,11 +313,7 @@ def freeze(
     routers = settings["mode"] == "routers"
     for name, param in named.items():
         param.requires_grad_(name.startswith(heads) or (routers and name in per_task))
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
-            module.register_forward_pre_hook(_run_in_eval_mode)
+    keep_frozen_batchnorm_in_eval(model)
     if routers and optimizer is not None:
         held = torch.tensor([i for i, t in enumerate(tasks) if t not in tuned], dtype=torch.long)
         if held.numel():

@@ -14,7 +14,10 @@ Keys whose change a run cannot take mid-way are refused with a one-line error na
 batch size, sampler and accumulation (the position in the epoch and the step count would lose
 their meaning), the seed, the optimizer type and its parameter groups' membership (the state
 holds one entry per parameter group), the weighting (its learned state), and the checkpoint
-monitor (``best`` would compare different quantities). The changes applied are logged in
+monitor (``best`` would compare different quantities); of ``train.stages``, the number of
+stages, a finished stage and the current stage's optimizer type and groups
+(:func:`stage_refusal`). A resumed run rebuilds the optimizer and schedule of the stage its
+checkpoint was saved in before loading their states. The changes applied are logged in
 ``train.log`` and appended to ``config_history.jsonl`` in the run directory.
 """
 
@@ -65,16 +68,47 @@ def changes(saved: Any, current: Any, prefix: str = "") -> dict[str, tuple[Any, 
     return {} if saved == current else {prefix: (saved, current)}
 
 
-def check_changes(found: Mapping[str, tuple[Any, Any]], run: Path) -> dict[str, tuple[Any, Any]]:
-    """The changes a resumed run applies; a refused one is a one-line :class:`ConfigError`."""
+def stage_refusal(key: str, old: Any, new: Any, stage: int | None) -> str | None:
+    """Why a resumed run in 0-based ``stage`` cannot take a change of ``train.stages``
+    (None: it can).
+
+    Refused: the number of stages (the list changed as a whole), anything of a finished stage
+    (it would never be used), and the current stage's optimizer type and parameter groups (the
+    loaded optimizer state holds one entry per group of that type). The current stage's
+    other settings (epochs, learning rates, schedule, trainable) and every later stage's apply.
+    """
+    match = re.fullmatch(r"train\.stages(?:\.(\d+)(?:\.(\w+)((?:\.\w+)*))?)?", key)
+    if match is None:
+        return None
+    index, field, rest = match.groups()
+    if index is None:
+        return "the number of stages"
+    if stage is not None and int(index) < stage:
+        return f"stage {int(index) + 1} has finished"
+    if stage is not None and int(index) == stage and field == "optimizer":
+        typed = any(isinstance(v, Mapping) and "type" in v for v in (old, new))
+        if rest.startswith((".type", ".param_groups")) or (not rest and typed):
+            return "the current stage's optimizer state belongs to its type and groups"
+    return None
+
+
+def check_changes(
+    found: Mapping[str, tuple[Any, Any]], run: Path, stage: int | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """The changes a resumed run applies; a refused one is a one-line :class:`ConfigError`.
+
+    ``stage``: the 0-based stage (``train.stages``) the checkpoint's optimizer belongs to, for
+    :func:`stage_refusal`."""
     applied = {}
     for key, (old, new) in found.items():
         if any(re.fullmatch(pattern, key) for pattern in IGNORED):
             continue
-        if any(re.fullmatch(pattern, key) for pattern in REFUSED):
+        reason = stage_refusal(key, old, new, stage)
+        if reason is not None or any(re.fullmatch(pattern, key) for pattern in REFUSED):
+            because = f"; {reason}" if reason else ""
             raise ConfigError(
-                f"config key '{key}': a resumed run cannot change it ({old!r} -> {new!r}); "
-                f"resume {run} without it, or start a new run"
+                f"config key '{key}': a resumed run cannot change it ({old!r} -> {new!r})"
+                f"{because}; resume {run} without it, or start a new run"
             )
         applied[key] = (old, new)
     return applied

@@ -29,7 +29,12 @@ from moekit.engine.checkpoint import EpochProgress
 from moekit.engine.config_check import check_config
 from moekit.engine.curves import plot_curves
 from moekit.engine.data import build_loader, set_epoch
-from moekit.engine.evaluation import MetricTracker, evaluate_loop, metric_directions
+from moekit.engine.evaluation import (
+    MetricTracker,
+    evaluate_loop,
+    metric_directions,
+    read_threshold_columns,
+)
 from moekit.engine.experiment import build_experiment
 from moekit.engine.guards import NonFiniteWatch, SigtermFlag
 from moekit.engine.launch import agree_on_path, make_accelerator, use_cpu
@@ -37,6 +42,13 @@ from moekit.engine.objective import StepOutput
 from moekit.engine.optim import named_parameters, set_frozen
 from moekit.engine.rundir import RunDir, close_log, json_safe, new_run_path
 from moekit.engine.schedule import apply_routing, frozen_patterns, phase_index
+from moekit.engine.stages import (
+    Stage,
+    build_stage_optimizer,
+    freeze_outside,
+    parse_stages,
+    stage_of,
+)
 from moekit.errors import ConfigError, Preempted, TrainingError
 from moekit.schema import object_entry
 from moekit.sections import settings
@@ -89,11 +101,12 @@ class Trainer:
         self.cfg = finetune.resolve(cfg) if resume is None else cfg
         check_config(self.cfg)  # every config mistake, before any file is written
         self.settings = settings(self.cfg, "train")
-        if self.settings["freeze"] or self.cfg.get("freeze_schedule"):
+        if self.settings["freeze"] or self.cfg.get("freeze_schedule") or self.settings["stages"]:
             self.settings["find_unused_parameters"] = True  # frozen parameters get no gradient
         self.debug = settings(self.cfg, "debug")
         evaluation = settings(self.cfg, "eval")
         self.threshold = evaluation["threshold"]
+        self.tune = evaluation["thresholds"] == "tune"
         target = Path(resume) if resume is not None else run_dir
         path = agree_on_path(
             None if target is None else Path(target),
@@ -133,6 +146,12 @@ class Trainer:
             for n, p in named_parameters(exp.model, exp.objective.weighting)
             if p.requires_grad
         ]
+        finetune.keep_frozen_batchnorm_in_eval(exp.model)
+        self.stages = parse_stages(self.cfg)
+        self._stage: Stage | None = None
+        if self.stages:  # the optimizer of the stage the run starts (or resumes) in
+            self._stage = self._first_stage(resume)
+            exp.optimizer, exp.scheduler = self._stage_optimizer(self._stage)
         checkpoint.install_hooks(acc)
         loaders = {
             split: ds
@@ -149,6 +168,8 @@ class Trainer:
             acc.num_processes, lambda t: acc.reduce(t, "sum")
         )
         self.monitor, self.mode = self._monitor(evaluation)
+        if self.tune and "val" not in self.loaders:
+            raise ConfigError("config key 'eval.thresholds': tune needs a val dataset to tune on")
         self.state: dict[str, Any] = {
             "epoch": 0,
             "step": 0,
@@ -156,6 +177,8 @@ class Trainer:
             "best_value": None,
             "best_epoch": None,
         }
+        if self._stage is not None:
+            self.state["stage"] = self._stage.index
         self.history: list[dict[str, Any]] = []
         self._progress: EpochProgress | None = None
         self._phases: tuple[int | None, int | None] | None = None
@@ -203,7 +226,8 @@ class Trainer:
         path = checkpoint.resolve(self.run.checkpoints / "last")
         saved = checkpoint.read_config(path)
         checkpoint.check_compatible(path, saved, self.cfg)
-        applied = resume.check_changes(resume.changes(saved, self.cfg), self.run.path)
+        stage = None if self._stage is None else self._stage.index
+        applied = resume.check_changes(resume.changes(saved, self.cfg), self.run.path, stage)
         fresh = resume.snapshot(self.optimizer, self.scheduler)
         state = checkpoint.load_training_state(self.accelerator, self.objective, path)
         resume.reapply_hyperparameters(self.optimizer, self.scheduler, fresh)
@@ -244,24 +268,66 @@ class Trainer:
             self.run.write_metrics(rows)
         return rows
 
+    def _first_stage(self, resume: str | Path | None) -> Stage:
+        """The stage a run starts in: the first, or the one whose optimizer state the resumed
+        checkpoint holds."""
+        if resume is None:
+            return self.stages[0]
+        state = checkpoint.read_state(checkpoint.resolve(self.run.checkpoints / "last"))
+        index = state.get("stage")
+        if index is None:  # saved without stages: resume refuses the added stages
+            return self.stages[0]
+        if not 0 <= int(index) < len(self.stages):
+            raise ConfigError(
+                f"config key 'train.stages': the checkpoint is in stage {int(index) + 1}, the "
+                f"config has {len(self.stages)} stages"
+            )
+        return self.stages[int(index)]
+
+    def _stage_optimizer(self, stage: Stage) -> tuple[Any, Any]:
+        named = named_parameters(self.exp.model, self.exp.objective.weighting)
+        return build_stage_optimizer(named, self.cfg, stage, self.exp.steps_per_epoch)
+
+    def _enter_stage(self, stage: Stage) -> None:
+        """Replace the optimizer and the schedule by fresh ones of ``stage`` (also in the
+        accelerator's lists, so checkpoints hold the new states only)."""
+        acc = self.accelerator
+        optimizer, scheduler = self._stage_optimizer(stage)
+        acc._optimizers = [o for o in acc._optimizers if o is not self.optimizer]
+        acc._schedulers = [s for s in acc._schedulers if s is not self.scheduler]
+        self.optimizer = acc.prepare_optimizer(optimizer)
+        self.scheduler = acc.prepare_scheduler(scheduler)
+        self._stage = stage
+        self.state["stage"] = stage.index
+
     def _apply_phases(self, epoch: int) -> None:
         exp, epochs = self.exp, self.settings["epochs"]
         routing = phase_index(exp.routing_schedule, epoch, epochs)
         freeze = phase_index(exp.freeze_schedule, epoch, epochs)
+        stage = stage_of(self.stages, epoch)
         first = self._phases is None
         previous = self._phases or (None, None)
         if routing is not None and (first or routing != previous[0]):
             key = f"routing_schedule[{routing}]"
             layers = apply_routing(exp.model, exp.routing_schedule[routing], key)
             self.log.info(f"epoch {epoch + 1}: {key} -> {layers} MoE layers")
-        if first or freeze != previous[1]:
+        new_stage = stage is not None and (first or stage is not self._stage)
+        if stage is not None and stage is not self._stage:
+            self._enter_stage(stage)
+        if first or freeze != previous[1] or new_stage:
             phase = None if freeze is None else exp.freeze_schedule[freeze]
             patterns = [
                 *self.settings["freeze"],
                 *frozen_patterns(phase, f"freeze_schedule[{freeze}]"),
             ]
             frozen = set_frozen(self._trainable, patterns, "train.freeze / freeze_schedule")
-            if patterns:
+            frozen += freeze_outside(stage, self._trainable)
+            if stage is not None:
+                self.log.info(
+                    f"epoch {epoch + 1}: {stage.describe(len(self.stages))}; {frozen} "
+                    "parameter tensors frozen"
+                )
+            elif patterns:
                 self.log.info(f"epoch {epoch + 1}: {frozen} parameter tensors frozen")
         self._phases = (routing, freeze)
 
@@ -310,6 +376,8 @@ class Trainer:
         rows = [{"epoch": epoch + 1, "split": "train", **train_values}]
         if "val" in self.loaders:
             rows.append({"epoch": epoch + 1, "split": "val", **self.evaluate_loader("val")})
+            if self.tune:  # kept with the checkpoints, applied unchanged to other splits
+                self.state["thresholds"] = read_threshold_columns(self.exp.tasks, rows[-1])
         rows[0]["time"] = time.perf_counter() - start
         self.history.extend(rows)
         self._check_parameters(epoch)
@@ -348,10 +416,12 @@ class Trainer:
         bare = acc.unwrap_model(self.objective)
         sums = torch.zeros(1 + len(bare.aux_terms), device=acc.device)
         done = int(self.state.get("batch", 0))  # batches of this epoch already trained
+        used_lr = [group["lr"] for group in self.optimizer.param_groups]
         if done:  # resumed mid-epoch: the epoch goes on where the checkpoint left it
             tracker.total, sums = self._progress.tracker_total, self._progress.sums.to(sums)
             tracker.kept = [self._progress.kept] if self._progress.kept.numel() else []
             loader = acc.skip_first_batches(loader, done)
+            used_lr = self.state.pop("epoch_lr", used_lr)  # of the last step before the stop
         clip = self.settings["clip_grad"]
         log_every = int(self.settings["log_every"])
         reduce_sum = lambda t: acc.reduce(t, "sum")  # noqa: E731
@@ -361,7 +431,6 @@ class Trainer:
             + ["total"],
             acc.device,
         )
-        used_lr = [group["lr"] for group in self.optimizer.param_groups]
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
@@ -396,7 +465,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
             if acc.sync_gradients and self._preempted():
                 watch.check(reduce_sum, epoch, self.state["epoch"])
-                self._save_progress(epoch, index + 1, tracker, sums)
+                self._save_progress(epoch, index + 1, tracker, sums, used_lr)
         watch.check(reduce_sum, epoch, self.state["epoch"])
         batches = index + 1
         tracker.reduce(reduce_sum, acc.device)
@@ -434,10 +503,18 @@ class Trainer:
         checkpoint.save(self.accelerator, self.objective, target, state, self.cfg, progress)
 
     def _save_progress(
-        self, epoch: int, batches: int, tracker: MetricTracker, sums: torch.Tensor
+        self,
+        epoch: int,
+        batches: int,
+        tracker: MetricTracker,
+        sums: torch.Tensor,
+        used_lr: list[float],
     ) -> None:
-        """Save ``checkpoints/last`` in the middle of ``epoch`` and stop (SIGTERM)."""
+        """Save ``checkpoints/last`` in the middle of ``epoch`` and stop (SIGTERM); the learning
+        rates of the last step are kept for the epoch's row (a stop after its last batch logs
+        them, not the next step's)."""
         self.state["batch"] = batches
+        self.state["epoch_lr"] = used_lr
         kept = torch.cat(tracker.kept).cpu() if tracker.kept else torch.zeros(0)
         progress = EpochProgress(tracker.total.cpu(), kept, sums.detach().cpu())
         self._save(self.run.checkpoints / "last", progress)
@@ -477,6 +554,7 @@ class Trainer:
             self.threshold,
             autocast=acc.autocast,
             gather=acc.gather_for_metrics,
+            tune=self.tune and split == "val",
         )
 
     def _update_best(self, rows: list[dict[str, Any]]) -> bool:
@@ -513,8 +591,36 @@ class Trainer:
             if k not in ("epoch", "split")
         }
 
+    def _stage_bests(self) -> list[dict[str, Any]]:
+        """Per stage: its epochs and the best value of the monitor within them."""
+        split, _, column = self.monitor.partition("/")
+        found = []
+        for stage in self.stages:
+            epochs = range(stage.start + 1, stage.start + stage.epochs + 1)
+            values = [
+                (row[column], row["epoch"])
+                for row in self.history
+                if row["split"] == split
+                and row["epoch"] in epochs
+                and row.get(column) is not None
+                and not math.isnan(row[column])
+            ]
+            pick = min if self.mode == "min" else max
+            value, epoch = pick(values, key=lambda v: v[0]) if values else (None, None)
+            found.append(
+                {
+                    "stage": stage.index + 1,
+                    "epochs": [epochs.start, epochs.stop - 1],
+                    "trainable": stage.trainable,
+                    "best_epoch": epoch,
+                    "best_value": value,
+                }
+            )
+        return found
+
     def _summary(self, status: str) -> dict[str, Any]:
         last = self.state["epoch"]
+        stages = {"stages": self._stage_bests()} if self.stages else {}
         return {
             "name": self.cfg.get("name", "run"),
             "run_dir": str(self.run.path),
@@ -531,6 +637,7 @@ class Trainer:
                 "metrics": self._row_values(self.state["best_epoch"]),
             },
             "final": self._row_values(last),
+            **stages,
         }
 
     def _finish(self, status: str) -> dict[str, Any]:

@@ -44,10 +44,36 @@ DEFAULT_THRESHOLD = 0.5
 a metric is given its own ``threshold`` or the config sets ``eval.threshold``."""
 
 
-def above_threshold(probs: Tensor, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
+Threshold = float | Tensor
+"""A decision threshold: one number, or one per class (``float64 [C]``, along dim 1)."""
+
+
+def above_threshold(probs: Tensor, threshold: Threshold = DEFAULT_THRESHOLD) -> Tensor:
     """``probs > threshold``: the one rule that turns probabilities into hard predictions (metrics
-    and prediction overlays alike, so a pixel at exactly the threshold is negative in both)."""
+    and prediction overlays alike, so a pixel at exactly the threshold is negative in both).
+
+    ``threshold`` is one number or a ``[C]`` tensor of per-class thresholds compared along
+    dim 1 of ``probs [N, C, *spatial]`` (compared in float64, as they were tuned)."""
+    if isinstance(threshold, Tensor):
+        shape = (1, -1, *([1] * (probs.dim() - 2)))
+        return probs > threshold.to(probs.device).view(shape)
     return probs > threshold
+
+
+def class_thresholds(threshold: float | Sequence[float] | Tensor, num_classes: int) -> Threshold:
+    """A metric's ``threshold`` argument: a number in ``[0, 1)``, or one per class (``C``
+    numbers, returned as ``float64 [C]``); anything else is a ``ValueError``."""
+    if isinstance(threshold, int | float) and not isinstance(threshold, bool):
+        values = torch.tensor([float(threshold)], dtype=torch.float64)
+    else:
+        values = torch.as_tensor(threshold, dtype=torch.float64).reshape(-1)
+        if values.numel() != num_classes:
+            raise ValueError(
+                f"threshold: {values.numel()} per-class values for {num_classes} classes"
+            )
+    if bool(((values < 0) | (values >= 1)).any()):
+        raise ValueError(f"threshold: expected values in [0, 1), got {values.tolist()}")
+    return float(values[0]) if isinstance(threshold, int | float) else values
 
 
 class Metric:
@@ -135,15 +161,15 @@ def nanmean(values: Tensor) -> float:
 def binarize(
     preds: Tensor,
     targets: Tensor,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     ignore_index: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hard predictions and targets as one-hot booleans ``[N, C, *spatial]``.
 
     Class-index targets: the prediction is the arg-max class; positions whose target is
     ``ignore_index`` are invalid. Dense targets: the prediction is ``sigmoid(x) > threshold``
-    per channel (:func:`above_threshold`) and the target is ``y > 0.5``. Returns ``(pred,
-    target, valid [N, 1, *spatial])``.
+    per channel (:func:`above_threshold`; one threshold or one per channel) and the target is
+    ``y > 0.5``. Returns ``(pred, target, valid [N, 1, *spatial])``.
     """
     if is_class_index(preds, targets):
         valid = torch.ones_like(targets, dtype=torch.bool)

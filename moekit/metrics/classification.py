@@ -1,8 +1,9 @@
 """Classification metrics: accuracy, and per-class / macro precision, recall and F1.
 
 They work for multiclass outputs (arg-max against class indices), multi-label and binary
-outputs (``sigmoid > threshold`` per class against dense 0/1 targets) and per pixel for
-segmentation maps (the IDRiD seed's "pixel accuracy" is the per-class ``recall``).
+outputs (``sigmoid > threshold`` per class against dense 0/1 targets; ``threshold`` is one
+number or one per class, e.g. tuned on validation by :mod:`moekit.metrics.thresholds`) and per
+pixel for segmentation maps (the IDRiD paper's "pixel accuracy" is the per-class ``recall``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from torch import Tensor
 
 from moekit.errors import ConfigError
 from moekit.losses.task_losses import is_class_index
-from moekit.metrics.base import Metric, binarize, nanmean, per_sample_sum, safe_div
+from moekit.metrics.base import (
+    Metric,
+    binarize,
+    class_thresholds,
+    nanmean,
+    per_sample_sum,
+    safe_div,
+)
 from moekit.registry import METRICS
 
 
@@ -34,11 +42,11 @@ class Accuracy(Metric):
         self,
         num_classes: int,
         class_names: Sequence[str] | None = None,
-        threshold: float = 0.5,
+        threshold: float | Sequence[float] = 0.5,
         subset: bool = False,
         ignore_index: int | None = None,
     ) -> None:
-        self.threshold = float(threshold)
+        self.threshold = class_thresholds(threshold, num_classes)
         self.subset = bool(subset)
         self.ignore_index = ignore_index
         super().__init__(num_classes, class_names)
@@ -78,7 +86,7 @@ class PerClassMetric(Metric):
         self,
         num_classes: int,
         class_names: Sequence[str] | None = None,
-        threshold: float = 0.5,
+        threshold: float | Sequence[float] = 0.5,
         average: Literal["macro", "micro"] = "macro",
         ignore_index: int | None = None,
         zero_division: float | None = 0.0,
@@ -86,7 +94,7 @@ class PerClassMetric(Metric):
         if average not in ("macro", "micro"):
             raise ConfigError(f"{type(self).__name__}.average: '{average}' is not macro or micro")
         self.zero_division = zero_division
-        self.threshold = float(threshold)
+        self.threshold = class_thresholds(threshold, num_classes)
         self.average = average
         self.ignore_index = ignore_index
         super().__init__(num_classes, class_names)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from moekit.losses.task_losses import is_class_index
-from moekit.metrics.base import DEFAULT_THRESHOLD, above_threshold
+from moekit.metrics.base import DEFAULT_THRESHOLD, Threshold, above_threshold, class_thresholds
 from moekit.metrics.kappa import CohenKappa
 from moekit.metrics.ranking import RankingMetric, roc_auc
 from moekit.registry import METRICS
@@ -45,14 +45,15 @@ def binary_kappa(truth: Tensor, predicted: Tensor) -> float:
     return CohenKappa(2, weights="none").reduce(confusion.flatten())[""]
 
 
-def odir_challenge_score(truth: Tensor, scores: Tensor, threshold: float) -> dict[str, float]:
-    """``{"": final, "kappa", "f1", "auc"}`` of flattened 0/1 ``truth`` and ``scores`` (logits:
-    the decision is ``sigmoid(score) > threshold``, AUC ranks the scores)."""
-    truth = truth.reshape(-1) > 0.5
-    scores = scores.reshape(-1)
+def odir_challenge_score(truth: Tensor, scores: Tensor, threshold: Threshold) -> dict[str, float]:
+    """``{"": final, "kappa", "f1", "auc"}`` of 0/1 ``truth`` and ``scores [N, C]`` (logits:
+    the decision is ``sigmoid(score) > threshold``, one threshold or one per class; then both
+    are flattened; AUC ranks the scores)."""
     if truth.numel() == 0:
         return {"": math.nan, "kappa": math.nan, "f1": math.nan, "auc": math.nan}
-    predicted = above_threshold(torch.sigmoid(scores.float()), threshold)
+    predicted = above_threshold(torch.sigmoid(scores.float()), threshold).reshape(-1)
+    truth = truth.reshape(-1) > 0.5
+    scores = scores.reshape(-1)
     kappa = binary_kappa(truth, predicted)
     f1 = float((predicted == truth).double().mean())  # micro F1 over both classes = accuracy
     auc = roc_auc(scores, truth)
@@ -66,17 +67,18 @@ class ODIRChallengeScore(RankingMetric):
     Args:
         num_classes: labels per sample (8 in the challenge: ``N D G C A H M O``).
         class_names: accepted for a uniform interface; the score pools all labels.
-        threshold: probability threshold of the hard decisions (the challenge's 0.5); the
-            engine passes ``eval.threshold`` when set.
+        threshold: probability threshold of the hard decisions (the challenge's 0.5), or one
+            per class; the engine passes ``eval.threshold`` when set, or the thresholds tuned
+            on validation (``eval.thresholds: tune``).
     """
 
     def __init__(
         self,
         num_classes: int,
         class_names: Sequence[str] | None = None,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | Sequence[float] = DEFAULT_THRESHOLD,
     ) -> None:
-        self.threshold = float(threshold)
+        self.threshold = class_thresholds(threshold, num_classes)
         super().__init__(num_classes, class_names, average="micro")
 
     def stats(self, preds: Tensor, targets: Tensor) -> Tensor:
