@@ -8,7 +8,7 @@ sets of *different* fundus photographs in one download:
 * segmentation images (54 train, 27 test) with one binary TIFF mask per lesion: ``MA``
   (microaneurysms), ``HE`` (haemorrhages), ``EX`` (hard exudates), ``SE`` (soft exudates) and
   ``OD`` (optic disc). A missing mask file means the lesion is absent (all negative, as in the
-  seed paper), so a segmentation image is labelled for all five lesions.
+  IDRiD paper), so a segmentation image is labelled for all five lesions.
 
 :class:`IdridDataset` (``DATASETS: idrid``) reads the layout of the real download (see
 ``docs/idrid.md`` and :data:`LAYOUT`) and serves both sets as one multi-task dataset whose
@@ -326,10 +326,10 @@ class IdridDataset(Dataset):
         sources: ``grading`` and/or ``segmentation``; default: those that carry a label for
             one of ``tasks``.
         val_fraction: share of each source's training images held out as ``val`` (0: none;
-            ``train`` then uses every training image, as the seed paper did).
+            ``train`` then uses every training image, as the IDRiD paper did).
         val_seed: seeds the train/val carve (kept apart from ``seed`` so that varying the
             training seed does not move images between train and val).
-        augment: ``true`` for the seed's training augmentation (``TRANSFORMS: idrid_train``),
+        augment: ``true`` for the IDRiD paper's training augmentation (``TRANSFORMS: idrid_train``),
             ``false`` for resize + normalise (``eval``), or a ``TRANSFORMS`` config mapping
             (``type`` defaults to ``idrid_train``) such as ``{rotate: 10, blur_p: 0}``. Default:
             ``true`` for ``train``, ``false`` otherwise.

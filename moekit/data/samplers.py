@@ -1,7 +1,7 @@
 """Samplers that mix the sources of a multi-source dataset evenly within every batch.
 
 IDRiD's grading images (413) outnumber its segmentation images (54) eight to one, and the two
-carry disjoint label sets; a uniform shuffle gives batches with no mask at all. The IDRiD seed
+carry disjoint label sets; a uniform shuffle gives batches with no mask at all. The IDRiD paper
 alternates one grading batch and one segmentation batch. :class:`BalancedSourceSampler`
 interleaves the sources at fixed shares *inside* each batch instead, so every batch (and every
 gradient step) sees every task.

@@ -14,13 +14,13 @@ with a seed derived from (dataset seed, epoch, worker) — see ``docs/idrid.md``
 
 Entries:
 
-* ``idrid_train``: the IDRiD seed's training augmentation — resize, horizontal flip, affine
+* ``idrid_train``: the IDRiD paper's training augmentation — resize, horizontal flip, affine
   (rotation ±18°, scale 0.8–1.1, translation ±10%, always applied), contrast ±10% (p 0.5),
   Gaussian blur σ 0.1–2 with a 7×7 kernel (p 0.3), ImageNet normalisation — and moekit's
   photometric additions, so that a model does not learn one camera's colours: with
   probability 0.5 one of brightness ×0.75–1.25 with saturation ±20% and hue ±7°, gamma
   0.8–1.25, or a white-balance gain ±10% per channel; JPEG compression at quality 40–95
-  (p 0.2). ``colour_p: 0, jpeg_p: 0`` is the seed's recipe. Every colour change is
+  (p 0.2). ``colour_p: 0, jpeg_p: 0`` is the paper's recipe. Every colour change is
   multiplicative or a gamma, so the black surround of a fundus photograph stays black. (With
   the three changes at probability 0.8 each, the demo's model did not learn ``rg`` in its 16
   epochs.)
@@ -116,7 +116,7 @@ def idrid_train(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> JointTransform:
-    """The IDRiD seed's training augmentation (flip, rotate ±18°, scale, translate, contrast,
+    """The IDRiD paper's training augmentation (flip, rotate ±18°, scale, translate, contrast,
     blur) with moekit's colour, gamma, white-balance and JPEG jitter.
 
     Args:

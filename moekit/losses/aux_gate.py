@@ -1,16 +1,16 @@
 """Gate regularisers: score L1, usage entropy, per-token routing entropy, KL to uniform.
 
-The IDRiD seed (its gates score each expert with an independent sigmoid) adds an L1 term on the
+The IDRiD paper (its gates score each expert with an independent sigmoid) adds an L1 term on the
 gate scores and the negative entropy of the gate distribution; the top-p paper (Huang et al.,
 ACL 2024) adds a "dynamic" loss, the mean per-token routing entropy. Distributions here are the
-scores normalised per token (a softmax is unchanged). The seed's balance term, KL(uniform ||
+scores normalised per token (a softmax is unchanged). The paper's balance term, KL(uniform ||
 batch-mean scores), is computed on unnormalised scores there and goes negative;
 :class:`KLUniformLoss` computes it on normalised distributions, where it is >= 0.
 
-The seed config reproduces its gate terms with ``gate_l1`` (weight 1) and ``usage_entropy``
-(weight 1); its code's per-sample entropy term, ``-mean H`` (which *maximises* per-sample
-entropy, the opposite sign of the top-p paper's dynamic loss), is ``routing_entropy`` with
-weight -1.
+The paper's config (``configs/idrid/mtl_r50_topp.yaml``) reproduces its gate terms with
+``gate_l1`` (weight 1) and ``usage_entropy`` (weight 1); its code's per-sample entropy term,
+``-mean H`` (which *maximises* per-sample entropy, the opposite sign of the top-p paper's
+dynamic loss), is ``routing_entropy`` with weight -1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _scores(record: RoutingRecord) -> Tensor:
 
 @AUX_LOSSES.register("gate_l1")
 class GateL1Loss(RoutingLoss):
-    """``mean_{tokens, experts} s`` of the gate scores (the IDRiD seed's sparsity term; the
+    """``mean_{tokens, experts} s`` of the gate scores (the IDRiD paper's sparsity term; the
     scores are non-negative, so this is their L1 norm divided by ``n E``).
 
     Config: ``{type: gate_l1, weight: 1.0, layers: null}``.
@@ -44,7 +44,7 @@ class GateL1Loss(RoutingLoss):
 @AUX_LOSSES.register("usage_entropy")
 class UsageEntropyLoss(RoutingLoss):
     """``-H(q_bar)``, ``q_bar = mean_tokens normalised scores``: maximises the entropy of the
-    batch's expert usage so the gate does not always pick the same experts (IDRiD seed).
+    batch's expert usage so the gate does not always pick the same experts (IDRiD paper).
 
     Config: ``{type: usage_entropy, weight: 1.0, layers: null}``.
     """
@@ -69,7 +69,7 @@ class RoutingEntropyLoss(RoutingLoss):
 @AUX_LOSSES.register("kl_uniform")
 class KLUniformLoss(RoutingLoss):
     """``KL(u || q_bar) = sum_e (1/E) log((1/E) / q_bar_e) >= 0``, ``q_bar`` the batch-mean
-    normalised scores: a balance term (the IDRiD seed's, on normalised distributions).
+    normalised scores: a balance term (the IDRiD paper's, on normalised distributions).
 
     Config: ``{type: kl_uniform, weight: 1.0, layers: null}``.
     """

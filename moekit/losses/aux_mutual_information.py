@@ -101,7 +101,7 @@ def conditional_mutual_information(
     eps: float = EPS,
 ) -> Tensor:
     """Conditional MI ``I(M; E | T)`` in nats between modalities and experts given the task
-    (M4oE, seed 001; ``= H(M|T) + H(E|T) - H(M,E|T)``)."""
+    (M4oE, Wu et al., ICLR 2025; ``= H(M|T) + H(E|T) - H(M,E|T)``)."""
     groups = task_ids.to(modality_ids.device) * num_modalities + modality_ids
     stats = group_statistics(probs, groups, num_tasks * num_modalities)
     if reduce is not None:
@@ -143,7 +143,8 @@ class MutualInformationLoss(RoutingLoss):
 
 @AUX_LOSSES.register("conditional_mutual_information")
 class ConditionalMutualInformationLoss(RoutingLoss):
-    """``L = -sum_layers I(M; E_layer | T)`` (M4oE, seed 001: ``L = sum_t L_t - alpha I``).
+    """``L = -sum_layers I(M; E_layer | T)`` (M4oE, Wu et al., ICLR 2025:
+    ``L = sum_t L_t - alpha I``).
 
     Uses ``record.modality_ids`` (records without them contribute 0) and ``record.task_ids``
     (``None``: one task). Absent-modality tokens are excluded through ``record.valid``.

@@ -15,7 +15,7 @@ NaN) and the loss of a batch split across processes equals the loss of the whole
 
 Losses that work on probabilities choose a softmax form for class indices and a sigmoid form
 for dense targets unless ``form`` says otherwise; ``form: sigmoid`` on class indices one-hot
-encodes them (the IDRiD seed's torchvision-style focal loss on grading labels).
+encodes them (the IDRiD paper's torchvision-style focal loss on grading labels).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class FocalLoss(nn.Module):
 
     - ``sigmoid`` (multi-label, binary masks, or one-hot class indices): per element
       ``p_t = p y + (1 - p)(1 - y)``, ``α_t = α y + (1 - α)(1 - y)``, exactly torchvision's
-      ``sigmoid_focal_loss``. The IDRiD seed uses it on one-hot grading labels with
+      ``sigmoid_focal_loss``. The IDRiD paper uses it on one-hot grading labels with
       ``α = 0.75, γ = 4``: ``{type: focal, form: sigmoid, alpha: 0.75, gamma: 4}``.
     - ``softmax`` (class indices): ``p_t`` is the softmax probability of the target class and
       ``α_t`` is ``alpha`` (a number) or ``alpha[y]`` (a list with one weight per class).

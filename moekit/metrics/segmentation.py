@@ -1,11 +1,11 @@
 """Foreground overlap metrics for segmentation: IoU and Dice per class.
 
-Following the IDRiD seed, only foreground counts: with dense per-channel masks (one binary
+Following the IDRiD paper, only foreground counts: with dense per-channel masks (one binary
 mask per lesion class, ``sigmoid > threshold``; the engine passes ``eval.threshold``, default
 0.5, to a metric not given its own) every channel is a foreground class; with
 class-index maps (``argmax``) the ``background`` class is left out. Two aggregations:
 
-- *dataset level* (the main value; the seed's way): intersections and unions are summed over
+- *dataset level* (the main value; the IDRiD paper's way): intersections and unions are summed over
   all images of the split, then ``IoU_c = ΣI / ΣU``, ``Dice_c = 2ΣI / (ΣP + ΣG)``;
 - *per image* (suffix ``per_image``): the score of each image, averaged over the images where
   the class occurs in the prediction or the ground truth (images where it is absent from both

@@ -1,4 +1,4 @@
-"""A mixture over arbitrary expert modules, routed per sample (the IDRiD seed's MoE heads)."""
+"""A mixture over arbitrary expert modules, routed per sample (the IDRiD paper's MoE heads)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class MoEModules(MoELayer):
 
     ``y_b = sum_{e in S(g_b)} w_e(g_b) * expert_e(x_b)``, ``g_b = AvgPool(gate_input_b)``
 
-    as in the IDRiD seed (its per-task gate is ``sigmoid(Linear(AvgPool(features)))``: use
+    as in the IDRiD paper (its per-task gate is ``sigmoid(Linear(AvgPool(features)))``: use
     ``score: sigmoid``). Samples are grouped by expert the same way tokens are: each expert runs
     once, on the samples that selected it, and an unselected expert does not run at all.
     Expert outputs may have any shape (class logits ``[b, K]``, segmentation logits

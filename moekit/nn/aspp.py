@@ -6,7 +6,7 @@ BatchNorm + ReLU: a ``1×1`` convolution, three ``3×3`` atrous separable convol
 (global average → ``1×1`` conv → upsampled back). They are concatenated (``5·out_channels``)
 and projected to ``out_channels`` by a ``1×1`` conv + BatchNorm + ReLU + dropout.
 
-The IDRiD seed shares one ASPP (2048 → 256) between its segmentation experts; its projection
+The IDRiD paper shares one ASPP (2048 → 256) between its segmentation experts; its projection
 has no dropout (``dropout=0``). torchvision's DeepLabV3 uses 0.5, the default here.
 """
 

@@ -1,6 +1,6 @@
-"""The IDRiD seed's classification expert: pool, separable conv, MLP.
+"""The IDRiD paper's classification expert: pool, separable conv, MLP.
 
-ResNet-50 at output stride 16 leaves a large feature map (45×67 for 712×1072 inputs); the seed
+ResNet-50 at output stride 16 leaves a large feature map (45×67 for 712×1072 inputs); the paper
 first pools it to a fixed 11×16, then learns classification features with a strided separable
 convolution that halves the channels, and ends with a small MLP::
 
@@ -20,16 +20,16 @@ from moekit.registry import EXPERTS
 
 @EXPERTS.register("dsconv_cls")
 class DSConvClassifier(nn.Module):
-    """Classification expert of the IDRiD seed: ``[B, in_channels, H, W] -> [B, num_classes]``.
+    """Classification expert of the IDRiD paper: ``[B, in_channels, H, W] -> [B, num_classes]``.
 
     Args:
         num_classes: classes (5 for ``rg``, 3 for ``mer``).
         in_channels: backbone channels (2048).
-        mid_channels: output of the separable convolution (1024 = in/2 in the seed).
+        mid_channels: output of the separable convolution (1024 = in/2 in the paper).
         hidden: width of the MLP's hidden layer (256).
         pool_size: ``(h, w)`` of the first adaptive average pool (11×16).
         dropout: dropout in the MLP (0.5).
-        norm: BatchNorm + ReLU after the separable convolution (the seed has neither).
+        norm: BatchNorm + ReLU after the separable convolution (the paper's has neither).
     """
 
     def __init__(

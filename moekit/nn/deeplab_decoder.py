@@ -1,4 +1,4 @@
-"""DeepLabV3+ decoder (Chen et al., ECCV 2018) as a segmentation expert of the IDRiD seed.
+"""DeepLabV3+ decoder (Chen et al., ECCV 2018) as a segmentation expert of the IDRiD paper.
 
 The decoder refines the ASPP output with low-level backbone features::
 
@@ -7,7 +7,7 @@ The decoder refines the ASPP output with low-level backbone features::
         --> DSConv 3×3 (320→256) BN ReLU --> Dropout 0.5 --> 1×1 conv --> [B, C, H/4, W/4]
         --> bilinear to out_size (optional)
 
-The paper projects the low-level features to 48 channels; the seed uses 64 (the default here).
+The paper projects the low-level features to 48 channels; the paper uses 64 (the default here).
 """
 
 from __future__ import annotations

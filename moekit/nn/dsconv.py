@@ -3,7 +3,7 @@
 A ``k×k`` depthwise convolution (one filter per input channel, with stride and dilation)
 followed by a ``1×1`` pointwise convolution that mixes channels, with no non-linearity in
 between (as in Xception). It costs ``C_in·k² + C_in·C_out`` weights instead of
-``C_in·C_out·k²``. The IDRiD seed replaces every convolution with ``k > 1`` in its heads by this
+``C_in·C_out·k²``. The IDRiD paper replaces every convolution with ``k > 1`` in its heads by this
 block; DeepLabV3+ (Chen et al., ECCV 2018) uses its dilated ("atrous separable") form.
 """
 
@@ -23,7 +23,8 @@ class DSConv(nn.Module):
         norm: BatchNorm after the pointwise convolution.
         act: ReLU at the end.
         bias: biases on both convolutions; default ``not norm`` (a bias before BatchNorm is
-            redundant). The seed's ``DepthwiseSeparableConv`` has biases and no norm of its own.
+            redundant). The reference code's ``DepthwiseSeparableConv`` has biases and no norm
+            of its own.
 
     Shapes: ``[B, C_in, H, W] -> [B, C_out, ⌈H/stride⌉, ⌈W/stride⌉]``.
     """

@@ -32,7 +32,7 @@ class Router(nn.Module):
         num_tasks: one gate per task (Mod-Squad's task-specific routers); each token is routed
             by the gate of its own task, so one call may mix tasks.
         score: ``softmax`` (a distribution over experts) or ``sigmoid`` (an independent score
-            per expert, as in the IDRiD seed's gate); ``probs`` holds these scores.
+            per expert, as in the IDRiD paper's gate); ``probs`` holds these scores.
         renormalize: divide the selected weights by their sum.
         bias: give the gate a per-task bias.
 

@@ -23,7 +23,7 @@ class Gate(nn.Module):
         dim: token feature size.
         num_experts: number of experts ``E``.
         num_tasks: number of stacked per-task gates ``T``.
-        bias: add a per-task bias (the IDRiD seed's ``nn.Linear`` gate has one; Shazeer's
+        bias: add a per-task bias (the IDRiD paper's ``nn.Linear`` gate has one; Shazeer's
             and Mod-Squad's ``W_g`` do not).
         init_std: standard deviation of the normal initialisation of ``weight``; ``0`` gives
             the all-zero initialisation of Shazeer et al. (2017).

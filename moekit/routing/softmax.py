@@ -14,7 +14,7 @@ class SoftmaxRouter(Router):
     """Dense routing: ``y = sum_e w_e E_e(x)`` over all ``E`` experts, ``w = probs``.
 
     ``renormalize`` defaults to true here: with ``score: softmax`` it changes nothing, and with
-    ``score: sigmoid`` it gives the IDRiD seed's dense phase, ``w_e = s_e / sum_j s_j``.
+    ``score: sigmoid`` it gives the IDRiD paper's dense phase, ``w_e = s_e / sum_j s_j``.
 
     Config: ``{type: softmax, score: softmax|sigmoid, renormalize: true, bias: false}``.
     """

@@ -16,7 +16,7 @@ class TopPRouter(Router):
     Huang et al., ACL 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models";
     see :func:`moekit.routing.select_top_p` for the exact rule. Harder tokens select more
     experts; ``max_k`` bounds the compute and fixes the number of slots. With
-    ``score: sigmoid, p: 0.8, renormalize: true`` this is the IDRiD seed's top-p phase.
+    ``score: sigmoid, p: 0.8, renormalize: true`` this is the IDRiD paper's top-p phase.
 
     Config: ``{type: top_p, p: 0.4, min_k: 1, max_k: null, score: softmax, renormalize: false}``.
     """
