@@ -276,6 +276,8 @@ def read_image(spec: InputSpec, path: Path, step: PreprocessStep) -> ModalityInp
 
 def read_volume(spec: InputSpec, folder: Path) -> ModalityInput:
     """A folder of slices: ``spec.channels`` evenly spaced ones, grey, resized, normalised."""
+    if not folder.exists():
+        raise DataError(f"{folder}: volume folder not found ('{spec.name}')")
     if not folder.is_dir():
         raise DataError(f"{folder}: a volume ('{spec.name}') is a folder of slice images")
     slices = list_images(folder)

@@ -225,14 +225,12 @@ class Predictor:
             if name not in probs:
                 continue
             result = TaskPrediction(experts=experts.get(name, ""))
-            if task.is_dense:
-                size = self.pipeline.spec(modality).size if modality is not None else None
-                result.map = (
-                    None
-                    if source is None
-                    else self._on_photograph(probs[name], size, source.full_geometry)
-                )
-            else:
+            if task.is_dense and modality is None:  # no image to draw on: the model's grid
+                result.map = self._on_photograph(probs[name], None, None)
+            elif task.is_dense and source is not None:
+                size = self.pipeline.spec(modality).size
+                result.map = self._on_photograph(probs[name], size, source.full_geometry)
+            elif not task.is_dense:
                 result.probs = probs[name].float().numpy().reshape(-1)
             result.decision = self._decide(name, task, result)
             results[name] = result
