@@ -11,6 +11,7 @@ from moekit.data.gamma import LAYOUT, read_grades
 from moekit.data.replicas.gamma import (
     TRUTH_FILE,
     GammaEvidence,
+    disc_field_geometry,
     make_gamma_replica,
     oracle_ceilings,
     quadratic_kappa,
@@ -165,3 +166,26 @@ def test_degraded_volume_is_dimmer_and_noisier():
     noisy = paint_oct_volume(np.random.default_rng(1), anatomy, 3, 32, 64, degraded=True)
     assert noisy.astype(float)[:, 30:50].mean() < clean[:, 30:50].mean()
     assert clean.shape == noisy.shape == (3, 64, 32) and noisy.dtype == np.uint8
+
+
+def test_disc_field_centres_a_large_disc_and_full_field_keeps_the_release_framing(tmp_path):
+    """The default photograph is a 15° field around the optic disc: the disc mask is a large
+    blob near the centre (over a third of the frame's height); the full field's disc is a
+    small one anywhere in the field."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        geometry = disc_field_geometry(rng, 64, 64, cup_ratio=0.5)
+        assert 0.38 < geometry.disc_radius / geometry.radius < 0.62
+        assert math.dist(geometry.disc_center, (32, 32)) < 0.25 * geometry.radius
+    full = make_gamma_replica(
+        tmp_path / "full", n_train=3, num_bscans=2, field="full", seg_fraction=1.0, seed=2
+    )
+    disc = make_gamma_replica(tmp_path / "disc", n_train=3, num_bscans=2, seg_fraction=1.0, seed=2)
+    assert Image.open(LAYOUT.fundus(full, "train", "0001")).size == (384, 256)
+    assert Image.open(LAYOUT.fundus(disc, "train", "0001")).size == (256, 256)
+    for root, low, high in ((full, 0.0, 0.3), (disc, 0.35, 1.0)):
+        grey = np.asarray(Image.open(LAYOUT.mask(root, "train", "0001")))
+        rows = np.flatnonzero((grey < 192).any(axis=1))
+        assert low < (rows[-1] - rows[0] + 1) / grey.shape[0] < high
+    with pytest.raises(DataError, match="field must be one of disc, full"):
+        make_gamma_replica(tmp_path / "bad", n_train=1, field="macula")

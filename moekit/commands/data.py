@@ -12,9 +12,9 @@ at least 1).
 writes a synthetic PASCAL-Context replica in the ``PASCAL_MT`` layout (``docs/datasets.md``).
 
 ``moekit data make-gamma DIR`` (or ``--out DIR``) ``[--n-train 100] [--n-test 0] [--bscans 256]
-[--fundus-size 384x256] [--oct-size 64x128] [--uninformative 0.25] [--missing 0] [--csv]
-[--seed S]`` writes a synthetic GAMMA replica (fundus photographs, OCT volumes, disc/cup masks,
-the grading xlsx) in the real download's layout.
+[--field disc|full] [--fundus-size WxH] [--oct-size 64x128] [--uninformative 0.25]
+[--missing 0] [--csv] [--seed S]`` writes a synthetic GAMMA replica (fundus photographs, OCT
+volumes, disc/cup masks, the grading xlsx) in the real download's layout.
 
 ``moekit data make-multiview DIR`` (or ``--out DIR``) ``[--n-cases 120] [--size 96x128]
 [--missing-view 0.1] [--seed S]`` writes a four-view mammography replica: ``cases.csv`` for
@@ -170,11 +170,18 @@ def _add_make_gamma(parser: argparse.ArgumentParser) -> None:
         "--bscans", type=int, default=256, metavar="N", help="B-scans per OCT volume (256)"
     )
     parser.add_argument(
+        "--field",
+        choices=("disc", "full"),
+        default="disc",
+        help="fundus framing: a 15° field centred on the optic disc (default) or the "
+        "release's wide field",
+    )
+    parser.add_argument(
         "--fundus-size",
         type=parse_wxh,
-        default=(384, 256),
+        default=None,
         metavar="WxH",
-        help="fundus photographs, width x height (default 384x256)",
+        help="fundus photographs, width x height (default 256x256 disc, 384x256 full)",
     )
     parser.add_argument(
         "--oct-size",
@@ -216,6 +223,7 @@ def _run_make_gamma(args: argparse.Namespace) -> int:
         n_test=args.n_test,
         num_bscans=args.bscans,
         fundus_size=args.fundus_size,
+        field=args.field,
         oct_size=args.oct_size,
         missing_fraction=args.missing,
         evidence=evidence,
@@ -224,8 +232,7 @@ def _run_make_gamma(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote a GAMMA replica to {root}: {args.n_train} train / {args.n_test} test graded "
-        f"patients, {args.bscans} B-scans each, fundus {args.fundus_size[0]}x"
-        f"{args.fundus_size[1]} px"
+        f"patients, {args.bscans} B-scans each, {args.field}-field fundus"
     )
     return 0
 

@@ -6,6 +6,12 @@ table (xlsx through pandas/openpyxl, or CSV), one painted fundus JPEG per patien
 (:mod:`moekit.data.replicas.oct`), and, for a share of the patients, the segmentation folder's
 copy of the photograph with its BMP disc/cup label map (0 cup, 128 rim, 255 background).
 
+The photographs frame the optic disc region by default (``field="disc"``: a 15° field centred
+on the disc, :func:`disc_field_geometry`), the crop GAMMA models grade from; there the disc is
+large and in the same place in every photograph, so a small model trained from scratch can read
+the cup-to-disc ratio at 64×64. ``field="full"`` paints the release's wide field (macula, disc or
+between in the centre), where a disc of 1/8 of the field must be found first.
+
 The two modalities carry *different* evidence of the grade (:class:`GammaEvidence`):
 
 * the fundus shows the vertical cup-to-disc ratio (CDR), ``cdr | g ~ N(μ_f[g], σ_f)``; it
@@ -42,7 +48,13 @@ import torch
 from PIL import Image
 
 from moekit.data.gamma import GRADES, LAYOUT
-from moekit.data.replicas.fundus import FundusGeometry, FundusPainter
+from moekit.data.replicas.fundus import (
+    DISC_MM,
+    FOVEA_DISC_MM,
+    MM_PER_DEGREE,
+    FundusGeometry,
+    FundusPainter,
+)
 from moekit.data.replicas.oct import RetinaAnatomy, paint_oct_volume
 from moekit.errors import DataError
 from moekit.metrics.kappa import CohenKappa
@@ -50,6 +62,11 @@ from moekit.metrics.kappa import CohenKappa
 JPEG_QUALITY = 92
 _SPLIT_CODES = {"train": 0, "test": 1}
 TRUTH_FILE = "replica_truth.csv"
+FIELDS = ("disc", "full")
+"""What a photograph frames: ``disc``, a 15° field centred on the optic disc (the disc region
+GAMMA models crop); ``full``, the release's wide field (macula, disc or between)."""
+DISC_FIELD_DEGREES = 15.0
+DEFAULT_FUNDUS_SIZE = {"disc": (256, 256), "full": (384, 256)}
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,40 @@ def oracle_ceilings(
     return out
 
 
+def disc_field_geometry(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    cup_ratio: float,
+    degrees: float = DISC_FIELD_DEGREES,
+) -> FundusGeometry:
+    """A photograph of the optic disc region: a ``degrees``-wide circular field centred on the
+    disc (shifted by up to about 6 % of the field radius), filling a ``width × height`` frame.
+
+    Sizes follow retinal millimetres as in :meth:`FundusGeometry.sample`: a disc of
+    :data:`DISC_MM` (about 0.4–0.6 of the field's radius at 15°), the fovea
+    :data:`FOVEA_DISC_MM` temporal of the disc and a little below it, outside the field. At
+    64×64 the disc's radius is about 14 px and a cup-to-disc ratio larger by 0.1 lengthens the
+    cup's vertical radius by 1.5 px — as much as in a full field at 256×384, where a small
+    model must first find a disc of 1/8 of the field.
+    """
+    radius = 0.5 * min(width, height) * rng.uniform(0.92, 0.99)
+    center = (width / 2 + rng.normal(0, 0.02 * radius), height / 2 + rng.normal(0, 0.02 * radius))
+    mm_per_radius = 0.5 * degrees * MM_PER_DEGREE
+    disc_radius = radius * 0.5 * rng.uniform(*DISC_MM) / mm_per_radius
+    disc = (center[0] + rng.normal(0, 0.06 * radius), center[1] + rng.normal(0, 0.06 * radius))
+    nasal = 1.0 if rng.random() < 0.5 else -1.0
+    distance = radius * rng.uniform(*FOVEA_DISC_MM) / mm_per_radius
+    elevation = np.radians(rng.uniform(4.0, 10.0))
+    macula = (
+        disc[0] - nasal * distance * np.cos(elevation),
+        disc[1] + distance * np.sin(elevation),
+    )
+    return FundusGeometry(
+        width, height, center, radius, disc, disc_radius, macula, cup_ratio, camera="square"
+    )
+
+
 def degrade_fundus(photo: np.ndarray, disc_radius: float) -> np.ndarray:
     """A blurred, hazy photograph (media opacity): the cup cannot be told from the rim."""
     blurred = cv2.GaussianBlur(photo.astype(np.float32), (0, 0), 0.6 * disc_radius)
@@ -233,6 +284,7 @@ def _write_split(
     evidence: GammaEvidence,
     num_bscans: int,
     fundus_size: tuple[int, int],
+    field: str,
     oct_size: tuple[int, int],
     table_format: str,
     seed: int,
@@ -242,7 +294,12 @@ def _write_split(
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], plan.number])
         latents = {k: v[0] for k, v in evidence.sample(rng, 1).items()}
         patient = f"{plan.number:04d}"
-        geometry = FundusGeometry.sample(rng, *fundus_size, cup_ratio=float(latents["cdr"]))
+        cdr = float(latents["cdr"])
+        geometry = (
+            disc_field_geometry(rng, *fundus_size, cup_ratio=cdr)
+            if field == "disc"
+            else FundusGeometry.sample(rng, *fundus_size, cup_ratio=cdr)
+        )
         painter = FundusPainter(geometry, rng)
         painter.paint_anatomy()
         photo, masks = painter.finish()
@@ -296,7 +353,8 @@ def make_gamma_replica(
     n_train: int = 100,
     n_test: int = 0,
     num_bscans: int = 256,
-    fundus_size: tuple[int, int] = (384, 256),
+    fundus_size: tuple[int, int] | None = None,
+    field: str = "disc",
     oct_size: tuple[int, int] = (64, 128),
     seg_fraction: float = 0.8,
     seg_only_fraction: float = 0.1,
@@ -312,7 +370,11 @@ def make_gamma_replica(
             ``Disc_Cup_Segmentation``.
         n_train, n_test: graded patients per split (the release: 100 training).
         num_bscans: B-scans per OCT volume (the release: 256).
-        fundus_size: ``(width, height)`` of the photographs (the release: 2992×2000).
+        fundus_size: ``(width, height)`` of the photographs (default 256×256 for the disc
+            field, 384×256 for the full field; the release: 2992×2000).
+        field: ``disc`` (default), a 15° photograph centred on the optic disc
+            (:func:`disc_field_geometry`: the disc region GAMMA models crop, where a small
+            model can read the cup-to-disc ratio), or ``full``, the release's wide field.
         oct_size: ``(width, height)`` of the B-scans (the release: 512×992).
         seg_fraction: share of graded patients with a disc/cup mask.
         seg_only_fraction: patients with only a photograph and a mask, as a share of the
@@ -328,6 +390,9 @@ def make_gamma_replica(
     """
     root = Path(root)
     evidence = evidence or GammaEvidence()
+    if field not in FIELDS:
+        raise DataError(f"{root}: field must be one of {', '.join(FIELDS)}, got {field!r}")
+    fundus_size = tuple(fundus_size or DEFAULT_FUNDUS_SIZE[field])
     if table_format not in ("xlsx", "csv"):
         raise DataError(f"{root}: table_format must be xlsx or csv, got {table_format!r}")
     for part in (LAYOUT.grading, LAYOUT.segmentation):
@@ -349,7 +414,16 @@ def make_gamma_replica(
         n_seg_only = round(seg_only_fraction * count)
         plans = plan_patients(rng, first, count, n_seg_only, seg_fraction, missing_fraction)
         truth += _write_split(
-            root, split, plans, evidence, num_bscans, fundus_size, oct_size, table_format, seed
+            root,
+            split,
+            plans,
+            evidence,
+            num_bscans,
+            fundus_size,
+            field,
+            oct_size,
+            table_format,
+            seed,
         )
         first += count + n_seg_only
     pd.DataFrame(truth).to_csv(root / TRUTH_FILE, index=False)
