@@ -1,7 +1,7 @@
 """Soft MoE: every slot is a weighted average of all tokens, every token of all slot outputs.
 
 Puigcerver, Riquelme, Mustafa and Houlsby, "From Sparse to Soft Mixtures of Experts", ICLR
-2024; the task-slotted form is M4oE's MToE layer (Jiang et al. 2024).
+2024; the task-slotted form is M4oE's MToE layer (Wu, Shuai, Tang, Wang and Shen, ICLR 2025).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""M4oE (Jiang et al. 2024): the multi-modal multi-task MoE model, its blocks and heads."""
+"""M4oE (Wu et al., ICLR 2025): the multi-modal multi-task MoE model, its baselines, blocks,
+heads and analysis."""
 
 from moekit.autoimport import import_submodules
 

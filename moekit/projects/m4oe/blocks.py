@@ -1,6 +1,6 @@
 """M4oE's transformer block: attention with a key mask, then an MLP that may be any MoE layer.
 
-One block class serves the three places M4oE uses transformer blocks (Jiang et al. 2024):
+One block class serves the three places M4oE uses transformer blocks (Wu et al., ICLR 2025):
 the per-modality MSoE blocks, the MToE block over all modalities' tokens with task-specific
 routing, and the per-task fusion block. Masked tokens (an absent modality) serve as no key, are
 routed nowhere and are excluded from pooling, so they cannot influence a present token.

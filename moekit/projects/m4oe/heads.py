@@ -1,8 +1,10 @@
 """M4oE's task heads: on a task's fused feature, and (segmentation) on a modality's feature map.
 
-A head maps the fused feature ``f [r, C]`` of a task's rows to predictions. Classification and
-regression heads read ``f`` alone; a segmentation head decodes the token map of one spatial
-modality's encoder (e.g. the fundus image for GAMMA's optic disc and cup) conditioned on ``f``.
+A head maps the fused feature ``f [r, C_f]`` of a task's rows to predictions (``C_f`` is the
+model's width ``C``, or ``M·C`` for a fusion that concatenates the modalities' features).
+Classification and regression heads read ``f`` alone; a segmentation head decodes the token map
+of one spatial modality's encoder (e.g. the fundus image for GAMMA's optic disc and cup)
+conditioned on ``f``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class LinearTaskHead(nn.Module):
 
 
 class FiLMDecoderHead(nn.Module):
-    """Segmentation of ``modality``: its encoder's token map modulated by the task's fused
-    feature, then decoded to the modality's input size.
+    """Segmentation of ``modality``: its encoder's token map ``m [r, C, h, w]`` modulated by
+    the task's fused feature ``f [r, C_f]``, then decoded to the modality's input size.
 
     ``m' = m ⊙ (1 + γ(f)) + β(f)`` (FiLM, Perez et al., AAAI 2018; ``γ, β`` linear in ``f``,
     initialised to zero so training starts from an unconditioned decoder), then 3×3 conv-BN-ReLU
@@ -40,10 +42,17 @@ class FiLMDecoderHead(nn.Module):
 
     dense = True
 
-    def __init__(self, dim: int, out_channels: int, modality: str, hidden: int = 64) -> None:
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        modality: str,
+        hidden: int = 64,
+        fused_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.modality, self.out_channels = modality, out_channels
-        self.film = nn.Linear(dim, 2 * dim)
+        self.film = nn.Linear(fused_dim or dim, 2 * dim)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.decoder = nn.Sequential(
@@ -60,7 +69,7 @@ class FiLMDecoderHead(nn.Module):
         return (self.out_channels, *(size or ()))
 
     def forward(self, fused: Tensor, feature_map: Tensor, size: tuple[int, int]) -> Tensor:
-        """``fused [r, C]``, ``feature_map [r, C, h, w]`` -> logits ``[r, K, H, W]``."""
+        """``fused [r, C_f]``, ``feature_map [r, C, h, w]`` -> logits ``[r, K, H, W]``."""
         gamma, beta = self.film(fused)[:, :, None, None].chunk(2, dim=1)
         x = self.decoder(feature_map * (1 + gamma) + beta)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,8 +1,8 @@
 """M4oE: modality-specific MoE (MSoE), modality-shared modality-task MoE (MToE) and fusion.
 
-Jiang et al., "Dynamic Modeling of Patients, Modalities and Tasks via Multi-modal Multi-task
-Mixture of Experts" (M4oE, 2024). For a sample with modalities ``m ∈ present`` and a task
-``t``:
+Wu, Shuai, Tang, Wang and Shen, "Dynamic Modeling of Patients, Modalities and Tasks via
+Multi-modal Multi-task Mixture of Experts" (M4oE, ICLR 2025). For a sample with modalities
+``m ∈ present`` and a task ``t``:
 
 1. **Encoders**: one token encoder per modality (``BACKBONES``: a timm CNN's feature map or
    a ViT's patch tokens, an OCT volume as a stack of B-scans through a shared 2-D encoder, a
@@ -36,8 +36,7 @@ own task's gates/slots; attention over the modality tokens runs once per sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,11 +45,10 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError, did_you_mean
 from moekit.models.heads import scatter_rows
-from moekit.models.single_task import task_position
 from moekit.moe import keep_task_routers, name_moe_layers
+from moekit.projects.m4oe.base import Encoded, MultiModalTaskModel, task_rows
 from moekit.projects.m4oe.blocks import MoEBlock, masked_mean
-from moekit.projects.m4oe.heads import HEAD_TYPES, FiLMDecoderHead
-from moekit.registry import BACKBONES, MODELS, accepted_kwargs
+from moekit.registry import MODELS
 from moekit.routing.types import RoutingRecord
 from moekit.types import ModelOutput, Task
 
@@ -71,7 +69,6 @@ FUSION_DEFAULTS: dict[str, Any] = {
     "moe": {"type": "soft_moe", "num_experts": 4, "slots_per_expert": 1},
 }
 MTOE_INPUTS = ("encoder", "msoe")
-HEAD_FILLED = ("dim", "out_channels")
 
 
 def part_settings(given: Mapping[str, Any] | None, defaults: dict[str, Any], where: str) -> dict:
@@ -95,39 +92,9 @@ def check_depth(depth: Any, where: str, minimum: int) -> int:
     return depth
 
 
-def task_rows(
-    task_names: Sequence[str], task_mask: Mapping[str, Tensor] | None, batch: int, device: Any
-) -> tuple[Tensor, Tensor]:
-    """``(sample [R], task_ids [R])``: every sample once per task it is labelled for (every
-    task when ``task_mask`` is None), task-major."""
-    samples, task_ids = [], []
-    for t, name in enumerate(task_names):
-        if task_mask is None:
-            idx = torch.arange(batch, device=device)
-        elif name in task_mask:
-            idx = task_mask[name].to(device).nonzero().squeeze(1)
-        else:
-            continue
-        samples.append(idx)
-        task_ids.append(torch.full_like(idx, t))
-    if not samples:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    return torch.cat(samples), torch.cat(task_ids)
-
-
-@dataclass
-class Encoded:
-    """One modality's encoder output for the samples that have it."""
-
-    samples: Tensor
-    tokens: Tensor
-    grid: tuple[int, int] | None
-
-
 @MODELS.register("m4oe")
-class M4oE(nn.Module):
-    """M4oE (Jiang et al. 2024): encoders, MSoE, MToE, fusion and heads (module docstring).
+class M4oE(MultiModalTaskModel):
+    """M4oE (Wu et al., ICLR 2025): encoders, MSoE, MToE, fusion and heads (module docstring).
 
     Args:
         tasks: the experiment's tasks.
@@ -165,11 +132,7 @@ class M4oE(nn.Module):
         fusion: Mapping[str, Any] | None = None,
         heads: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(modalities, Mapping) or not modalities:
-            raise ConfigError("config key 'model.modalities': expected {name: encoder config}")
-        self.task_names = list(tasks)
-        self.modality_names = list(modalities)
+        super().__init__(tasks, modalities, dim, heads)
         num_tasks, num_modalities = len(self.task_names), len(self.modality_names)
         msoe_cfg = part_settings(msoe, MSOE_DEFAULTS, "msoe")
         mtoe_cfg = part_settings(mtoe, MTOE_DEFAULTS, "mtoe")
@@ -186,9 +149,6 @@ class M4oE(nn.Module):
                 dim, num_heads, mlp_ratio, moe, tasks_routed, task_embedding, qkv_bias, drop_path
             )
 
-        self.encoders = nn.ModuleDict(
-            {name: BACKBONES.build(cfg, dim=dim) for name, cfg in modalities.items()}
-        )
         self.modality_embed = (
             nn.Parameter(torch.zeros(num_modalities, dim)) if modality_embedding else None
         )
@@ -214,99 +174,19 @@ class M4oE(nn.Module):
         )
         self.fusion_per_task = bool(fusion_cfg["per_task"])
         self.fusion_norm = nn.LayerNorm(dim)
-        heads = dict(heads or {})
-        unknown = sorted(set(heads) - set(self.task_names))
-        if unknown:
-            raise ConfigError(f"config key 'model.heads': no task named '{unknown[0]}'")
-        self.heads = nn.ModuleDict(
-            {
-                name: self.build_head(name, task, dim, heads.get(name))
-                for name, task in tasks.items()
-            }
-        )
         for param in (self.modality_embed, self.fusion_embed):
             if param is not None:
                 trunc_normal_(param, std=0.02)
         name_moe_layers(self)
 
-    def build_head(
-        self, name: str, task: Task, dim: int, cfg: Mapping[str, Any] | None
-    ) -> nn.Module:
-        """Task ``name``'s head from ``model.heads.<name>`` (see the class docstring)."""
-        cfg = dict(cfg or {})
-        kind = cfg.pop("type", "film_decoder" if task.is_dense else "linear")
-        where = f"config key 'model.heads.{name}"
-        if kind not in HEAD_TYPES:
-            raise ConfigError(
-                f"{where}.type': '{kind}' is unknown; valid: {', '.join(HEAD_TYPES)}"
-                f"{did_you_mean(str(kind), HEAD_TYPES)}"
-            )
-        accepted = [k for k in accepted_kwargs(HEAD_TYPES[kind])[0] if k not in HEAD_FILLED]
-        for key in cfg:
-            if key not in accepted:
-                raise ConfigError(
-                    f"{where}.{key}': head '{kind}' does not accept it; accepted: "
-                    f"{', '.join(accepted)}{did_you_mean(str(key), accepted)}"
-                )
-        if kind == "film_decoder":
-            spatial = [m for m in self.modality_names if getattr(self.encoders[m], "spatial", 0)]
-            modality = cfg.setdefault("modality", spatial[0] if spatial else None)
-            if modality not in spatial:
-                raise ConfigError(
-                    f"{where}.modality': '{modality}' is not a modality with a 2-D feature "
-                    f"map; valid: {', '.join(spatial) or '(none)'}"
-                )
-        return HEAD_TYPES[kind](dim=dim, out_channels=task.num_classes, **cfg)
-
     def single_task(self, task: str) -> None:
         """Keep only ``task``: its slots/gates and task embeddings in the MToE and fusion
         blocks, and its head; the model then serves ``task`` alone (task id 0) and computes
         exactly what it computed for ``task`` before (per-task extraction)."""
-        t = task_position(self.task_names, task)
+        t = self.keep_task_head(task)
         keep_task_routers(self, t)
         for block in [*self.mtoe, *self.fusion]:
             block.keep_task(t)
-        self.heads = nn.ModuleDict({task: self.heads[task]})
-        self.task_names = [task]
-
-    def presence(self, inputs: Mapping[str, Tensor], present: Tensor | None) -> Tensor:
-        """``present`` as ``bool [B, M]`` in the model's modality order (all true if None)."""
-        if not isinstance(inputs, Mapping):
-            raise TypeError(
-                f"m4oe expects inputs {{modality: tensor}}, got {type(inputs).__name__}"
-            )
-        if set(inputs) != set(self.modality_names):
-            raise ValueError(
-                f"m4oe: inputs have modalities {list(inputs)}; the model has {self.modality_names}"
-            )
-        first = inputs[self.modality_names[0]]
-        if present is None:
-            return torch.ones(
-                first.shape[0], len(self.modality_names), dtype=torch.bool, device=first.device
-            )
-        order = list(inputs)
-        columns = [order.index(m) for m in self.modality_names]
-        if present.shape != (first.shape[0], len(order)):
-            raise ValueError(
-                f"m4oe: present has shape {tuple(present.shape)}; expected "
-                f"[{first.shape[0]}, {len(order)}] (samples, modalities)"
-            )
-        return present.to(device=first.device, dtype=torch.bool)[:, columns]
-
-    def encode(self, inputs: Mapping[str, Tensor], present: Tensor) -> dict[str, Encoded]:
-        """Each modality's encoder on the samples that have it (modalities no sample has are
-        left out)."""
-        encoded = {}
-        for i, name in enumerate(self.modality_names):
-            samples = present[:, i].nonzero().squeeze(1)
-            if samples.numel() == 0:
-                continue
-            x = inputs[name]
-            if samples.numel() != x.shape[0]:
-                x = x.index_select(0, samples)
-            tokens, grid = self.encoders[name](x)
-            encoded[name] = Encoded(samples, tokens, grid)
-        return encoded
 
     def embedded(self, name: str, tokens: Tensor) -> Tensor:
         if self.modality_embed is None:
@@ -393,11 +273,11 @@ class M4oE(nn.Module):
 
     def forward(
         self,
-        inputs: Mapping[str, Tensor],
+        inputs: Mapping[str, Tensor] | Tensor,
         task_mask: Mapping[str, Tensor] | None = None,
         present: Tensor | None = None,
     ) -> ModelOutput:
-        present = self.presence(inputs, present)
+        inputs, present = self.presence(inputs, present)
         batch, device = present.shape[0], present.device
         rows, task_ids = task_rows(self.task_names, task_mask, batch, device)
         records: list[RoutingRecord] = []
@@ -413,42 +293,5 @@ class M4oE(nn.Module):
             )
             summary = self.run_mtoe(sources, encoded, present, rows, task_ids, records)
             fused = self.run_fusion(summary, pooled, present, rows, task_ids, records)
-        preds = {
-            name: self.predict(name, fused, rows, task_ids == t, inputs, encoded, present)
-            for t, name in enumerate(self.task_names)
-        }
+        preds = self.predict_all(fused, rows, task_ids, inputs, encoded, present)
         return ModelOutput(preds, records)
-
-    def predict(
-        self,
-        name: str,
-        fused: Tensor,
-        rows: Tensor,
-        of_task: Tensor,
-        inputs: Mapping[str, Tensor],
-        encoded: dict[str, Encoded],
-        present: Tensor,
-    ) -> Tensor:
-        """Task ``name``'s predictions for all ``B`` samples from the fused features of its
-        rows (zero rows where not computed; a segmentation only where its modality is
-        present)."""
-        head, batch = self.heads[name], present.shape[0]
-        size = None
-        if isinstance(head, FiLMDecoderHead):
-            size = tuple(inputs[head.modality].shape[-2:])
-            of_task = of_task & present[rows, self.modality_names.index(head.modality)]
-        selected = of_task.nonzero().squeeze(1)
-        if selected.numel() == 0:
-            return fused.new_zeros((batch, *head.output_shape(size)))
-        samples = rows.index_select(0, selected)
-        features = fused.index_select(0, selected)
-        if size is None:
-            return scatter_rows(head(features), samples, batch)
-        enc = encoded[head.modality]
-        if enc.grid is None:
-            raise ValueError(f"m4oe: the encoder of '{head.modality}' gave no 2-D token grid")
-        position = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
-        position[enc.samples] = torch.arange(enc.samples.numel(), device=rows.device)
-        tokens = enc.tokens.index_select(0, position[samples])
-        feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *enc.grid)
-        return scatter_rows(head(features, feature_map, size), samples, batch)
