@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "moekit.commands.predict",
     "moekit.commands.flops",
     "moekit.commands.viz",
+    "moekit.commands.cam",
     "moekit.commands.results",
     "moekit.commands.sweep",
     "moekit.commands.demo",

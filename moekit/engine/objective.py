@@ -5,7 +5,8 @@ labelled samples ``i`` of the global batch (all processes), the task loss is the
 ``L_t = Σ_i ℓ_t,i / n_t``. Each process computes its share ``P · Σ_{i local} ℓ_t,i / n_t``
 (``n_t`` is all-reduced), so the gradients data parallelism averages over ``P`` processes are
 those of the whole batch, whatever the split of labelled samples. Tasks with ``n_t = 0`` are
-left out. The total is ``weighting({L_t}) + Σ_a w_a · aux_a(routing records)``.
+left out. The total is ``weighting({L_t}) + Σ_a w_a · aux_a(routing records)`` (an aux loss
+with ``needs_batch`` also sees the predictions and the batch, and watches the model's forward).
 
 The objective is an ``nn.Module`` around the model so that one DDP wrapper covers the model
 and learned weightings alike.
@@ -14,6 +15,7 @@ and learned weightings alike.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.routing.types import RoutingRecord
-from moekit.types import Batch, Task, run_model
+from moekit.types import Batch, ModelOutput, Task, run_model
 
 
 @dataclass
@@ -119,7 +121,11 @@ class MultiTaskObjective(nn.Module):
         return losses, per_row.masked_scatter(mask, losses.detach().float())
 
     def forward(self, batch: Batch) -> StepOutput:
-        output = run_model(self.model, batch, batch.has_target)
+        with ExitStack() as watching:  # losses of the model's activations see this forward
+            for term in self.aux_terms:
+                if getattr(term.loss, "needs_batch", False):
+                    watching.enter_context(term.loss.watch(self.model))
+            output = run_model(self.model, batch, batch.has_target)
         preds = output.preds
         device = next(iter(preds.values())).device
         counts = torch.stack([batch.labelled(t).to(device).sum() for t in self.task_names]).float()
@@ -132,10 +138,18 @@ class MultiTaskObjective(nn.Module):
                 continue
             local = losses.sum() if losses is not None else torch.zeros((), device=device)
             task_losses[task] = local * (self.num_processes / global_counts[i])
-        aux_losses = {a.name: a.loss(output.routing) for a in self.aux_terms}
+        aux_losses = {a.name: _aux_value(a, output, batch) for a in self.aux_terms}
         total = self.weighting(task_losses) if task_losses else torch.zeros((), device=device)
         for term in self.aux_terms:
             total = total + term.weight * aux_losses[term.name]
         if not total.requires_grad:
             total = total + sum(0.0 * p.sum() for p in preds.values() if p.requires_grad)
         return StepOutput(total, task_losses, aux_losses, sample_losses, preds, output.routing)
+
+
+def _aux_value(term: AuxTerm, output: ModelOutput, batch: Batch) -> Tensor:
+    """A routing loss of the records, or a loss that also needs the predictions and the batch
+    (``needs_batch``, e.g. CAM-guided training, :mod:`moekit.losses.cam_guided`)."""
+    if getattr(term.loss, "needs_batch", False):
+        return term.loss(output.routing, preds=output.preds, batch=batch)
+    return term.loss(output.routing)
