@@ -161,6 +161,7 @@ def load_artifact_of(run, out):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_a_program_is_written_when_faithful_and_matches_the_model(tmp_path_factory, tmp_path):
     """The ODIR classifier (no MoE layer): torch.export and TorchScript programs that give the
     artifact's probabilities on new photographs, loaded with torch alone."""
