@@ -178,11 +178,12 @@ class _LoopGroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        plan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = grad.new_zeros(weight.shape[0], weight.shape[-1]) if need_b else None
+        grad_w = _zero_unused(torch.empty_like(weight), plan) if need_w else None
+        grad_b = _zero_unused(grad.new_empty(weight.shape[::2]), plan) if need_b else None
 
         def run(groups: list[tuple[int, slice]]) -> None:
             for e, rows in groups:
@@ -193,7 +194,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 if grad_b is not None:
                     torch.sum(grad[rows], dim=0, out=grad_b[e])
 
-        ctx.plan.run_groups(run, x.device)
+        plan.run_groups(run, x.device)
         return grad_x, grad_w, grad_b, None
 
 
@@ -254,11 +255,11 @@ class _LoopExpertMLP(torch.autograd.Function):
         act, plan = ctx.act, ctx.plan
         dtype = h.dtype
         need_x, need_w1, need_b1, need_w2, need_b2, need_scale = ctx.needs_input_grad[:6]
-        grad_w1 = torch.zeros_like(w1) if need_w1 else None
-        grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
-        grad_w2 = torch.zeros_like(w2) if need_w2 else None
-        grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
-        grad_scale = torch.zeros_like(scale) if need_scale else None
+        grad_w1 = _zero_unused(torch.empty_like(w1), plan) if need_w1 else None
+        grad_b1 = _zero_unused(torch.empty_like(b1), plan) if need_b1 and b1 is not None else None
+        grad_w2 = _zero_unused(torch.empty_like(w2), plan) if need_w2 else None
+        grad_b2 = _zero_unused(torch.empty_like(b2), plan) if need_b2 and b2 is not None else None
+        grad_scale = torch.empty_like(scale) if need_scale else None  # every pair's row is set
         grad_y = grad_y.to(dtype).contiguous()
 
         def run(groups: list[tuple[int, slice]]) -> Tensor | None:
@@ -290,6 +291,16 @@ class _LoopExpertMLP(torch.autograd.Function):
         parts = plan.run_groups(run, x.device)
         grad_x = _sum(parts).to(x.dtype) if need_x else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_scale, None, None, None
+
+
+def _zero_unused(grad: Tensor, plan: DispatchPlan) -> Tensor:
+    """Zero the slices ``grad[e]`` of the experts without pairs in an uninitialised per-expert
+    gradient buffer ``[E, ...]``: the blocks overwrite every other slice, so the buffer is not
+    zero-filled first."""
+    for e, size in enumerate(plan.sizes):
+        if not size:
+            grad[e].zero_()
+    return grad
 
 
 def _expert(stacked: Tensor | None, e: int, dtype: torch.dtype) -> Tensor | None:
