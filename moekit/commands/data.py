@@ -24,6 +24,11 @@ volumes, disc/cup masks, the grading xlsx) in the real download's layout.
 [--n-val 200] [--n-offsite 200] [--n-onsite 250] [--n-patients 40] [--size 256] [--csv]
 [--seed S]`` writes a synthetic ODIR replica: the ODIR study's layout (``DATASETS: odir``, the
 study's label distribution) or the public ODIR-5K table and images (``DATASETS: odir5k``).
+
+``moekit data vae-augment DATASET_CONFIG --out DIR [--task T] [--size 64x64] [--latent 128]
+[--channels 32,64,128,256] [--epochs 60] [--batch-size 32] [--lr 1e-3] [--beta 1] [--seed S]``
+balances a training split with the images of one VAE per minority class
+(:mod:`moekit.data.vae_augment`), written as a new folder in the dataset's layout.
 """
 
 from __future__ import annotations
@@ -325,6 +330,60 @@ def _run_make_odir(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_vae_augment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", help="a dataset config ({type, root, ...}) or an experiment config (data.train)"
+    )
+    parser.add_argument("--out", required=True, help="the new dataset folder (absent or empty)")
+    parser.add_argument("--task", help="the multi-label task to balance (default: the only one)")
+    parser.add_argument(
+        "--size", type=parse_wxh, default=(64, 64), metavar="WxH", help="VAE image size (64x64)"
+    )
+    parser.add_argument("--latent", type=int, default=128, help="latent dimensions (128)")
+    parser.add_argument(
+        "--channels",
+        default="32,64,128,256",
+        help="encoder widths, one stride-2 block each (32,64,128,256)",
+    )
+    parser.add_argument("--epochs", type=int, default=60, help="epochs per VAE (60)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda... (default cpu)")
+
+
+def _run_vae_augment(args: argparse.Namespace) -> int:
+    from moekit.data.vae_augment import VaeSettings, vae_augment
+    from moekit.registry import import_builtins
+
+    try:
+        channels = tuple(int(v) for v in args.channels.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--channels: expected widths like 32,64,128, got {args.channels!r}"
+        ) from None
+    if min(channels) < 1 or min(args.latent, args.epochs, args.batch_size) < 1 or args.lr <= 0:
+        raise ConfigError("vae-augment: --channels, --latent, --epochs, --batch-size, --lr > 0")
+    import_builtins()  # the layout writers of the projects
+    settings = VaeSettings(
+        size=(args.size[1], args.size[0]),
+        channels=channels,
+        latent=args.latent,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta=args.beta,
+        seed=args.seed,
+        device=args.device,
+    )
+    report = vae_augment(args.config, args.out, args.task, settings)
+    before = ", ".join(f"{k} {v}" for k, v in report["counts_real"].items())
+    after = ", ".join(f"{k} {v}" for k, v in report["counts_after"].items())
+    print(f"wrote {args.out}: positives {before} -> {after} ({report['seconds']} s)")
+    return 0
+
+
 ACTIONS: dict[str, Action] = {
     "make-idrid": (
         "write a synthetic IDRiD replica in the real download's folder layout",
@@ -350,6 +409,11 @@ ACTIONS: dict[str, Action] = {
         "write a synthetic ODIR replica (the ODIR study's layout, or ODIR-5K's) with its images",
         _add_make_odir,
         _run_make_odir,
+    ),
+    "vae-augment": (
+        "balance a training split with images of one VAE per minority class, as a new folder",
+        _add_vae_augment,
+        _run_vae_augment,
     ),
 }
 

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from moekit.data.gamma import _read_table as read_table
+from moekit.data.generated import read_generated
 from moekit.data.idrid import stratified_split
 from moekit.data.image_io import read_rgb
 from moekit.data.modality_transforms import build_transform
@@ -424,6 +425,7 @@ class OdirDataset(_OdirBase):
         if not self.root.is_dir():
             raise DataError(f"{self.root}: ODIR root folder not found (data.root)")
         self.records = read_study_split(self.root, self.split)
+        self.generated = read_generated(self.root, self.split)
         self.labelled = self.split not in STUDY_LAYOUT.unlabelled
         self._setup(
             task, image_size, preprocess, augment, self.split == "train", ["fundus"], seed, 0.0
@@ -445,6 +447,13 @@ class OdirDataset(_OdirBase):
         if not self.labelled:
             raise ConfigError(f"odir: the '{self.split}' split has no labels")
         return torch.tensor([r.labels for r in self.records], dtype=torch.float32)
+
+    def label_counts(self, task: str) -> list[int]:
+        """Positives per class of the real images: images a generator added (listed in
+        ``generated.csv``, ``moekit data vae-augment``) are left out, so class-balanced losses
+        weigh the real labels."""
+        real = torch.tensor([r.image_id not in self.generated for r in self.records])
+        return [int(v) for v in self.label_matrix(task)[real].sum(dim=0).tolist()]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
