@@ -1,10 +1,13 @@
 """``moekit bench moe`` at a tiny size: it runs, prints its tables and returns the numbers."""
 
+import pytest
 import torch
 
 from moekit.bench import moe as bench_moe
+from moekit.bench.timing import check_clock
 from moekit.cli import main
 from moekit.commands.bench import SECTIONS
+from moekit.errors import ConfigError
 
 TINY = dict(batch=2, tokens=5, dim=16, experts=4, k=2, hidden=8, reps=2, warmup=1)
 
@@ -97,3 +100,17 @@ def test_bench_on_two_threads_also_times_the_loop_with_blocks_in_turn():
     keys = [row["key"] for row in report.train]
     assert keys == ["dense", "grouped_mm", "loop", "loop_in_turn", "reference"]
     assert "expert blocks in turn" in report.markdown()
+
+
+def test_bench_times_on_the_cpu_clock_and_prints_the_clock_and_load():
+    report = bench_moe.run(**TINY, p_values=(0.5,), threads=1, masked=False, clock="cpu")
+    assert all(row["ms"] > 0 for row in report.train)
+    assert "cpu clock" in report.markdown() and "load average" in report.markdown()
+
+
+def test_bench_refuses_the_cpu_clock_on_another_device():
+    with pytest.raises(ConfigError, match="--clock cpu times the CPU only"):
+        check_clock("cpu", torch.device("meta"))
+    with pytest.raises(ConfigError, match="--clock must be one of wall, cpu"):
+        check_clock("gpu", torch.device("cpu"))
+    assert main(["bench", "moe", "--clock", "cpu", "--device", "meta"]) == 2

@@ -29,7 +29,13 @@ from moekit.analysis.extraction import prune_model
 from moekit.analysis.flops import count_flops, count_parameters, task_model
 from moekit.analysis.runs import TrainedRun, check_task, only_task, split_loader, untrained_model
 from moekit.analysis.usage import collect_usage
-from moekit.bench.timing import add_timing_arguments, summarize, time_alternating
+from moekit.bench.timing import (
+    add_timing_arguments,
+    check_clock,
+    load_average,
+    summarize,
+    time_alternating,
+)
 
 
 def _inference(model: nn.Module, inputs: Any, mask: Any) -> Callable[[], None]:
@@ -49,8 +55,11 @@ def run(
     reps: int = 10,
     warmup: int = 2,
     threads: int | None = None,
+    clock: str = "wall",
 ) -> dict[str, Any]:
-    """Measure the full and extracted models; returns rows and settings (CPU only)."""
+    """Measure the full and extracted models on ``clock``; returns rows and settings (CPU
+    only)."""
+    check_clock(clock, torch.device("cpu"))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
@@ -81,6 +90,7 @@ def run(
             reps,
             warmup,
             torch.device("cpu"),
+            clock=clock,
         )
         summary = summarize(times, baseline)
         rows = [
@@ -100,6 +110,8 @@ def run(
             "batch": batch,
             "threads": torch.get_num_threads(),
             "reps": reps,
+            "clock": clock,
+            "load": load_average(),
         }
         return {"settings": settings, "rows": rows}
     finally:
@@ -111,8 +123,9 @@ def markdown(result: dict[str, Any]) -> str:
     full = next(r for r in result["rows"] if r["name"] == s["baseline"])
     lines = [
         f"Per-task extraction of {s['source']}: task {s['task']}, batch {s['batch']}, cpu, "
-        f"{s['threads']} threads, {s['reps']} alternating repetitions; median times, ratios "
-        f"are medians of per-repetition ratios to '{s['baseline']}'.",
+        f"{s['threads']} threads, {s['reps']} alternating repetitions, {s['clock']} clock, load "
+        f"average {s['load']} (1/5/15 min, at the end); median times, ratios are medians of "
+        f"per-repetition ratios to '{s['baseline']}'.",
         "",
         "| inference | params (M) | params ratio | GFLOPs / image | median ms | time ratio |",
         "|---|---:|---:|---:|---:|---:|",
@@ -151,6 +164,7 @@ def main(argv: Sequence[str]) -> int:
         args.reps,
         args.warmup,
         args.threads,
+        args.clock,
     )
     print(markdown(result))
     return 0

@@ -44,6 +44,8 @@ from moekit.bench.timing import (
     add_dtype_argument,
     add_timing_arguments,
     autocast,
+    check_clock,
+    load_average,
     processor_name,
     summarize,
     time_alternating,
@@ -68,8 +70,9 @@ class BenchReport:
             f"MoE-MLP benchmark: {s['batch']}x{s['tokens']} tokens, dim {s['dim']}, "
             f"{s['experts']} experts, top-{s['k']}, expert hidden {s['hidden']} "
             f"(dense hidden {s['k'] * s['hidden']}); device {s['device']} ({s['processor']}), "
-            f"{s['threads']} threads, {s['reps']} alternating repetitions; median times, ratios "
-            "are medians of per-repetition ratios to the dense MLP of the same dtype.",
+            f"{s['threads']} threads, {s['reps']} alternating repetitions, {s['clock']} clock, "
+            f"load average {s['load']} (1/5/15 min, at the end); median times, ratios are "
+            "medians of per-repetition ratios to the dense MLP of the same dtype.",
             "",
             "| dtype | forward + backward | median ms | ratio to dense |",
             "|---|---|---:|---:|",
@@ -162,20 +165,22 @@ def run(
     masked: bool = True,
     seed: int = 0,
     dtypes: Sequence[str] = ("float32",),
+    clock: str = "wall",
 ) -> BenchReport:
     """Run the three measurements in every dtype of ``dtypes`` and return their numbers (see
     the module docstring).
 
     Uses ``threads`` CPU threads (default: all cores) and restores the thread count and the
-    global random state afterwards.
+    global random state afterwards; times on ``clock`` (:data:`~moekit.bench.timing.CLOCKS`).
     """
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown or not dtypes:
         raise ValueError(f"dtypes must be a non-empty subset of {DTYPES}, got {list(dtypes)}")
+    dev = torch.device(device)
+    check_clock(clock, dev)
     previous_threads = torch.get_num_threads()
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    dev = torch.device(device)
     settings = dict(
         batch=batch,
         tokens=tokens,
@@ -188,11 +193,14 @@ def run(
         processor=processor_name(dev),
         threads=threads,
         dtypes=list(dtypes),
+        clock=clock,
     )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _measure(BenchReport(settings), warmup, p_values, dev, masked)
+            report = _measure(BenchReport(settings), warmup, p_values, dev, masked)
+        report.settings["load"] = load_average()
+        return report
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -235,7 +243,7 @@ def _measure(
         for name, layer in layers.items()
     }
     modules = [dense, *moe.values(), reference]
-    times = time_alternating(fns, reps, warmup, dev, _zero_grads(*modules))
+    times = time_alternating(fns, reps, warmup, dev, _zero_grads(*modules), s["clock"])
     for dtype in dtypes:
         own = {name: times[f"{dtype}/{name}"] for name in layers}
         for name, (ms, ratio) in summarize(own, "dense").items():
@@ -261,6 +269,7 @@ def _measure(
         warmup,
         dev,
         lambda key: layer.set_router(routers[key.split("/", 1)[1]]),
+        s["clock"],
     )
     for dtype in dtypes:
         own = {name: times[f"{dtype}/{name}"] for name in routers}
@@ -337,6 +346,7 @@ def main(argv: Sequence[str]) -> int:
         device=args.device,
         masked=not args.no_masked,
         dtypes=args.dtype,
+        clock=args.clock,
     )
     print(report.markdown())
     return 0

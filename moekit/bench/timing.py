@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -21,13 +22,43 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from moekit.errors import ConfigError
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""What a repetition's time is: ``wall`` (elapsed) or ``cpu`` (the process's CPU time, every
+thread's: on a machine shared with other jobs, at one thread, it leaves out the time the
+scheduler gave to others; at several threads it also counts threads spinning at a barrier)."""
+
 
 def add_timing_arguments(parser: argparse.ArgumentParser, reps: int, warmup: int) -> None:
     """The options every ``moekit bench`` section takes: ``--reps``, ``--warmup``,
-    ``--threads``."""
+    ``--threads``, ``--clock``."""
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: the process's CPU time (a busy machine, CPU)",
+    )
+
+
+def check_clock(clock: str, device: torch.device) -> None:
+    """Raise :class:`~moekit.errors.ConfigError` for an unknown clock, or ``cpu`` on another
+    device (its work is not the CPU's)."""
+    if clock not in CLOCKS:
+        raise ConfigError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and device.type != "cpu":
+        raise ConfigError(f"--clock cpu times the CPU only; on {device.type} use --clock wall")
+
+
+def load_average() -> str:
+    """The machine's 1-, 5- and 15-minute load averages (``"?"`` where the OS has none): the
+    other work the timings shared the cores with."""
+    if not hasattr(os, "getloadavg"):
+        return "?"
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 DTYPES = ("float32", "bfloat16")
@@ -81,20 +112,22 @@ def time_alternating(
     warmup: int,
     device: torch.device,
     before: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
-    """Seconds of each function per repetition, run in turn ``reps`` times after ``warmup``;
-    ``before(name)`` runs untimed before each call."""
+    """Seconds of each function per repetition on ``clock`` (:data:`CLOCKS`), run in turn
+    ``reps`` times after ``warmup``; ``before(name)`` runs untimed before each call."""
+    now = CLOCKS[clock]
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
             if before is not None:
                 before(name)
             sync(device)
-            start = time.perf_counter()
+            start = now()
             fn()
             sync(device)
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return times
 
 

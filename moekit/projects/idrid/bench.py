@@ -40,6 +40,8 @@ from moekit.bench.timing import (
     add_dtype_argument,
     add_timing_arguments,
     autocast,
+    check_clock,
+    load_average,
     processor_name,
     summarize,
     time_alternating,
@@ -104,12 +106,14 @@ def run(
     checkpoint: str = "best",
     dtypes: Sequence[str] = ("float32",),
     memory_formats: Sequence[str] = ("contiguous",),
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Time training and inference steps, sparse and seed-style, in every dtype and memory
     format; return the numbers.
 
     The model is ``config_path``'s, untrained, or with ``run_dir`` the run's trained model
-    (``checkpoint``), whose config then replaces ``config_path``.
+    (``checkpoint``), whose config then replaces ``config_path``. Times on ``clock``
+    (:data:`~moekit.bench.timing.CLOCKS`).
     """
     if not dtypes or any(d not in DTYPES for d in dtypes):
         raise ValueError(f"dtypes must be a non-empty subset of {DTYPES}, got {list(dtypes)}")
@@ -118,11 +122,12 @@ def run(
             f"memory_formats must be a non-empty subset of {list(MEMORY_FORMATS)}, "
             f"got {list(memory_formats)}"
         )
+    dev = torch.device(device)
+    check_clock(clock, dev)
     import_builtins()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dev = torch.device(device)
     if run_dir is not None:
         from moekit.engine import load_model
 
@@ -174,7 +179,7 @@ def run(
         for dtype, fmt in variants:
             fns[f"{dtype}/{fmt}/sparse"] = make(fmt, dtype)
             fns[f"{dtype}/{fmt}/masked"] = seed_way(fmt, make(fmt, dtype))
-        times = time_alternating(fns, reps, warmup, dev)
+        times = time_alternating(fns, reps, warmup, dev, clock=clock)
         base = f"{variants[0][0]}/{variants[0][1]}/sparse"
         rows = []
         for dtype, fmt in variants:
@@ -219,6 +224,8 @@ def run(
             "device": str(dev),
             "processor": processor_name(dev),
             "reps": reps,
+            "clock": clock,
+            "load": load_average(),
             "base": f"{variants[0][0]}, {variants[0][1]}",
         },
         "rows": rows,
@@ -235,8 +242,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"IDRiD MoE heads, model {s['model']} ({s['backbone']} backbone): batch {s['batch']} at "
         f"{s['size'][0]}x{s['size'][1]}, top-p p={s['p']} (sigmoid scores), {s['device']} "
         f"({s['processor']}), {s['threads']} threads, "
-        f"{s['reps']} alternating repetitions; median times, ratios are medians of "
-        "per-repetition ratios.",
+        f"{s['reps']} alternating repetitions, {s['clock']} clock, load average {s['load']} "
+        "(1/5/15 min, at the end); median times, ratios are medians of per-repetition ratios.",
         "",
         f"| step | dtype | memory format | sparse ms | masked (seed) ms | sparse / masked | "
         f"sparse / sparse ({s['base']}) |",
@@ -307,6 +314,7 @@ def main(argv: Sequence[str]) -> int:
         args.checkpoint,
         args.dtype,
         args.memory_format,
+        args.clock,
     )
     print(markdown(result))
     return 0
