@@ -57,6 +57,7 @@ from moekit.errors import ConfigError
 from moekit.fileio import atomic_write_text, replace_dir
 from moekit.moe import moe_layers
 from moekit.sections import settings
+from moekit.types import run_model
 
 PAPER_THRESHOLDS = (0.0, 0.001, 0.05, 0.2, 0.5, 0.9)
 """θ of Mod-Squad's Fig. 3 (0%, 0.1%, 5%, 20%, 50%, 90%): usage frequencies
@@ -205,7 +206,7 @@ class TaskExtraction:
                 info={"split": profile_split, "checkpoint": checkpoint},
             )
         )
-        self.inputs = next(iter(self.profile)).inputs
+        self.inputs = next(iter(self.profile))
         self.spec = self.run.tasks[task].metrics[0] if self.run.tasks[task].metrics else None
         single, mask = task_alone(self.run.model, self.inputs, list(self.run.tasks), task)
         measured = self._measure(single, mask)
@@ -244,8 +245,8 @@ class TaskExtraction:
         with torch.no_grad():
             for batch in progress(f"compare {self.profile_split}")(self.profile):
                 mask = only_task(self.run.tasks, self.task, batch.batch_size, "cpu")
-                full = self.run.model(batch.inputs, task_mask=mask).preds[self.task]
-                small = pruned(batch.inputs).preds[self.task]
+                full = run_model(self.run.model, batch, mask).preds[self.task]
+                small = run_model(pruned, batch).preds[self.task]
                 diff = max(diff, float((full - small).abs().max()))
         return diff
 

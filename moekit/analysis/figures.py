@@ -4,7 +4,12 @@
   expert, tasks × experts (Mod-Squad, Chen et al., CVPR 2023, Fig. 5);
 - :func:`plot_task_relation`: the mean share of experts two tasks use on the same input (Fig. 6);
 - :func:`plot_selected_histograms`: experts selected per token, per layer (top-p varies it);
-- :func:`plot_pruning_curve`: metric against parameters of extracted models (Fig. 3).
+- :func:`plot_pruning_curve`: metric against parameters of extracted models (Fig. 3);
+- :func:`plot_modality_utilisation`: per task, the share of a layer's routing mass drawn from
+  each modality's tokens (:mod:`moekit.analysis.modality`; M4oE, Wu et al., ICLR 2025,
+  Fig. 4b);
+- :func:`plot_modality_drop`: how much each task's metric drops when a modality is removed at
+  test time (modality competition, M4oE Fig. 4a).
 
 Training curves are drawn by :func:`moekit.engine.curves.plot_curves`; prediction overlays by
 :mod:`moekit.analysis.predictions`.
@@ -201,4 +206,92 @@ def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"extracting task '{first['task']}'" + (f": {better} is better" if better else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
+    return save_figure(fig, Path(path))
+
+
+def _panels(count: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig, axes = pyplot().subplots(
+        rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False
+    )
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:count]
+
+
+def plot_modality_utilisation(
+    frame: pd.DataFrame, path: str | Path, panel: str = "layer", title: str | None = None
+) -> Path:
+    """Stacked bars per task: ``share`` of the routing mass from each modality (colours), one
+    panel per value of ``panel``; a black tick marks each modality's token share (what a layer
+    reading every token alike would give). ``frame`` has the columns of
+    :meth:`moekit.analysis.modality.ModalityUsage.to_frame` (``share_std``, if present, is
+    written beside each share)."""
+    names = list(dict.fromkeys(frame[panel]))
+    modalities = list(dict.fromkeys(frame["modality"]))
+    colours = pyplot().get_cmap("tab10")
+    fig, axes = _panels(len(names), 4.6, 0.55 * frame["task"].nunique() + 1.4)
+    for ax, name in zip(axes, names, strict=True):
+        part = frame[frame[panel] == name]
+        tasks = list(dict.fromkeys(part["task"]))
+        left, token_left = np.zeros(len(tasks)), np.zeros(len(tasks))
+        for m, modality in enumerate(modalities):
+            rows = part[part["modality"] == modality].set_index("task").reindex(tasks)
+            share = rows["share"].to_numpy(dtype=float)
+            ax.barh(tasks, share, left=left, color=colours(m), label=modality)
+            for i, value in enumerate(share):
+                text = f"{value:.2f}"
+                if "share_std" in rows and np.isfinite(rows["share_std"].iloc[i]):
+                    text += f"±{rows['share_std'].iloc[i]:.2f}"
+                if value > 0.12:
+                    ax.text(left[i] + value / 2, i, text, ha="center", va="center", fontsize=8)
+            left += share
+            token_left += rows["token_share"].to_numpy(dtype=float)
+            if m < len(modalities) - 1:
+                ax.scatter(
+                    token_left, range(len(tasks)), marker="|", s=300, color="black", zorder=3
+                )
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of the task's routing mass")
+        ax.set_title(str(name), fontsize=9)
+    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncol=len(modalities), fontsize=8)
+    fig.suptitle(title or "modality utilisation per task (| = token share)", fontsize=10)
+    return save_figure(fig, Path(path))
+
+
+def plot_modality_drop(frame: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """Modality competition: one panel per removed modality (``dropped``), grouped bars of
+    ``drop`` (the metric with every modality minus the metric without it, ± ``drop_std`` if
+    present) per ``metric``, one bar per ``model``."""
+    dropped = list(dict.fromkeys(frame["dropped"]))
+    models = list(dict.fromkeys(frame["model"]))
+    metrics = list(dict.fromkeys(frame["metric"]))
+    colours = pyplot().get_cmap("tab10")
+    width = 0.8 / max(len(models), 1)
+    fig, axes = _panels(len(dropped), max(4.5, 0.5 * len(models) * len(metrics) + 1.5), 3.2)
+    for ax, name in zip(axes, dropped, strict=True):
+        part = frame[frame["dropped"] == name]
+        for i, model in enumerate(models):
+            rows = part[part["model"] == model].set_index("metric").reindex(metrics)
+            x = np.arange(len(metrics)) + (i - (len(models) - 1) / 2) * width
+            errors = rows["drop_std"].to_numpy(dtype=float) if "drop_std" in rows else None
+            ax.bar(
+                x,
+                rows["drop"].to_numpy(dtype=float),
+                width,
+                yerr=errors,
+                capsize=2,
+                color=colours(i % 10),
+                label=model,
+            )
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")
+        ax.set_ylabel("drop (with all − without)")
+        ax.set_title(f"without {name}", fontsize=9)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        title or "modality competition: metric drop when a modality is removed", fontsize=10
+    )
     return save_figure(fig, Path(path))

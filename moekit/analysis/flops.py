@@ -36,6 +36,10 @@ What is counted for whom:
   a token of the task uses. A model without ``single_task`` is run with the other tasks
   masked out instead (``counted: "all heads and gates"`` in the report).
 
+The input is an image tensor, a ``{modality: tensor}`` dict, or a
+:class:`~moekit.types.Batch`: a multi-modal batch's ``present`` mask is passed to the model
+(:func:`moekit.types.run_model`), so a modality a sample lacks costs nothing, as at inference.
+
 :func:`reference_macs` recounts the matmul-type ops with
 :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add, halved) as a
 cross-check that shares no formula with the fvcore handles: the MoE layers run the per-expert
@@ -58,6 +62,7 @@ from torch import Tensor, nn
 
 from moekit.moe import moe_layers
 from moekit.routing.types import RoutingRecord
+from moekit.types import Batch
 
 UNIT = "multiply-adds (fvcore convention: 1 multiply-add = 1 FLOP)"
 MATMUL_OPS = frozenset(
@@ -157,16 +162,36 @@ def traceable(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def model_arguments(inputs: Any) -> tuple[Any, ...]:
+    """``(inputs,)``, or ``(inputs, present)`` for a multi-modal :class:`~moekit.types.Batch`:
+    the positional arguments of :class:`_Predictions` (what is traced)."""
+    if isinstance(inputs, Batch):
+        return (inputs.inputs,) if inputs.present is None else (inputs.inputs, inputs.present)
+    return (inputs,)
+
+
+def call_model(model: nn.Module, inputs: Any, task_mask: Mapping[str, Tensor] | None) -> Any:
+    """``model``'s output on ``inputs`` (a tensor, a dict or a :class:`~moekit.types.Batch`,
+    whose ``present`` is passed)."""
+    return _Predictions(model, task_mask).output(*model_arguments(inputs))
+
+
 class _Predictions(nn.Module):
-    """The model as a traceable function: inputs -> tuple of per-task predictions."""
+    """The model as a traceable function: inputs [, present] -> tuple of per-task
+    predictions."""
 
     def __init__(self, model: nn.Module, task_mask: Mapping[str, Tensor] | None) -> None:
         super().__init__()
         self.model = model
         self.task_mask = task_mask
 
-    def forward(self, inputs: Any) -> tuple[Tensor, ...]:
-        return tuple(self.model(inputs, task_mask=self.task_mask).preds.values())
+    def output(self, inputs: Any, present: Tensor | None = None) -> Any:
+        if present is None:
+            return self.model(inputs, task_mask=self.task_mask)
+        return self.model(inputs, task_mask=self.task_mask, present=present)
+
+    def forward(self, inputs: Any, present: Tensor | None = None) -> tuple[Tensor, ...]:
+        return tuple(self.output(inputs, present).preds.values())
 
 
 def count_flops(
@@ -176,7 +201,7 @@ def count_flops(
     fvnn = _fvcore()
     with traceable(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = fvnn.FlopCountAnalysis(_Predictions(model, task_mask), (inputs,))
+        analysis = fvnn.FlopCountAnalysis(_Predictions(model, task_mask), model_arguments(inputs))
         analysis.set_op_handle(
             "aten::scaled_dot_product_attention",
             sdpa_flops,
@@ -235,7 +260,7 @@ def routing_records(
 ) -> list[RoutingRecord]:
     """The routing records of one forward pass (eval mode, no gradients)."""
     with traceable(model):
-        return model(inputs, task_mask=task_mask).routing
+        return call_model(model, inputs, task_mask).routing
 
 
 REFERENCE_STRATEGY = "loop"
@@ -262,7 +287,7 @@ def reference_macs(
     from torch.utils.flop_counter import FlopCounterMode
 
     with reference_mode(model), FlopCounterMode(display=False) as counter:
-        model(inputs, task_mask=task_mask)
+        call_model(model, inputs, task_mask)
     return counter.get_total_flops() // 2
 
 
@@ -355,4 +380,6 @@ def flops_report(
 
 
 def _device(inputs: Any) -> torch.device:
+    if isinstance(inputs, Batch):
+        return inputs.first_input.device
     return inputs.device if isinstance(inputs, Tensor) else next(iter(inputs.values())).device

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from moekit.errors import ConfigError
 from moekit.models.single_task import task_position
-from moekit.types import Task
+from moekit.types import Batch, Task
 
 
 def progress(desc: str) -> Any:
@@ -33,8 +33,11 @@ def split_loader(cfg: Mapping[str, Any], split: str) -> DataLoader:
     return build_loader(build_dataset(cfg, split), data, train=False, seed=int(cfg.get("seed", 0)))
 
 
-def input_batch_size(inputs: Tensor | Mapping[str, Tensor]) -> int:
-    """The number of samples in model inputs (a tensor or a dict of modality tensors)."""
+def input_batch_size(inputs: Tensor | Mapping[str, Tensor] | Batch) -> int:
+    """The number of samples in model inputs (a tensor, a dict of modality tensors or a
+    batch)."""
+    if isinstance(inputs, Batch):
+        return inputs.batch_size
     first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
     return int(first.shape[0])
 
@@ -44,9 +47,10 @@ def example_inputs(
     split: str = "val",
     batch: int = 1,
     input_size: Sequence[int] | None = None,
-) -> Tensor | dict[str, Tensor]:
+) -> Tensor | Batch:
     """Model inputs: ``batch`` random images of ``input_size`` (``[C,] H, W``; 3 channels by
-    default, seeded), else the first ``batch`` samples of the config's ``split`` dataset."""
+    default, seeded), else the first ``batch`` samples of the config's ``split`` dataset as a
+    :class:`~moekit.types.Batch` (with ``present``: a modality a sample lacks stays absent)."""
     from moekit.data.collate import collate_samples
     from moekit.engine.experiment import build_dataset
 
@@ -59,7 +63,7 @@ def example_inputs(
     dataset = build_dataset(cfg, split)
     if len(dataset) < batch:
         raise ConfigError(f"data.{split}: {len(dataset)} samples, fewer than --batch {batch}")
-    return collate_samples([dataset[i] for i in range(batch)]).inputs
+    return collate_samples([dataset[i] for i in range(batch)])
 
 
 def only_task(task_names: Iterable[str], task: str, batch: int, device: Any) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from moekit.analysis.modality import ModalityUsage, modality_names
 from moekit.errors import DataError
 from moekit.fileio import atomic_write_text
 from moekit.losses.aux_mutual_information import mutual_information_from_statistics
@@ -143,10 +144,16 @@ class ExpertUsage:
     tasks: list[str]
     layers: dict[str, LayerUsage] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
+    modality: ModalityUsage | None = None
+    """Modality utilisation of the layers whose records carry modality ids
+    (:mod:`moekit.analysis.modality`; counted by :func:`collect_usage` on multi-modal data)."""
 
     def update(self, records: Iterable[RoutingRecord]) -> None:
         """Add the routing of one forward pass (and its task overlaps, see
         :func:`pair_overlap`, when every input ran every task)."""
+        records = list(records)
+        if self.modality is not None:
+            self.modality.update(records)
         for record in records:
             routing = record.routing
             valid = record.valid.reshape(-1) if record.valid is not None else None
@@ -235,7 +242,8 @@ class ExpertUsage:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``usage.safetensors`` (tensors; task names and :attr:`info` as metadata), the
-        tidy ``usage.csv`` and ``selected.csv`` (experts selected per token, per layer)."""
+        tidy ``usage.csv`` and ``selected.csv`` (experts selected per token, per layer), and
+        with modality statistics ``modality.csv`` and ``modality_information.csv``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -247,6 +255,8 @@ class ExpertUsage:
         save_file(tensors, directory / "usage.safetensors", metadata=metadata)
         atomic_write_text(directory / "usage.csv", self.to_frame().to_csv(index=False))
         atomic_write_text(directory / "selected.csv", self.selected_frame().to_csv(index=False))
+        if self.modality is not None and self.modality.layers:
+            self.modality.save(directory)
         return directory / "usage.safetensors"
 
     @classmethod
@@ -295,8 +305,9 @@ def collect_usage(
     """Run ``model`` (in eval mode, no gradients) over ``batches`` and count expert usage.
 
     Every sample runs every task (``task_mask=None``), as at inference, so the task relation is
-    accumulated too. ``progress`` wraps the batches (e.g. ``tqdm``); ``info`` is saved with
-    the counts (split, checkpoint...).
+    accumulated too; on multi-modal batches, the modality utilisation as well
+    (:attr:`ExpertUsage.modality`). ``progress`` wraps the batches (e.g. ``tqdm``); ``info`` is
+    saved with the counts (split, checkpoint...).
     """
     usage = ExpertUsage(list(tasks), info=dict(info or {}))
     model.eval()
@@ -304,5 +315,8 @@ def collect_usage(
         for i, batch in enumerate(progress(batches)):
             if max_batches is not None and i >= max_batches:
                 break
+            if usage.modality is None and batch.present is not None:
+                names = modality_names(model, batch.modalities)
+                usage.modality = ModalityUsage(list(tasks), names)
             usage.update(run_model(model, batch.to(device)).routing)
     return usage

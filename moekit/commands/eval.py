@@ -1,4 +1,5 @@
-"""``moekit eval RUN_DIR [--split test] [--checkpoint best|last] [--baselines SOURCE ...]``."""
+"""``moekit eval RUN_DIR [--split test] [--checkpoint best|last] [--baselines SOURCE ...]
+[--drop-modality NAME ...]``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "replaces the run's eval.mtl_delta",
     )
     parser.add_argument(
+        "--drop-modality",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="evaluate with these modalities removed from every sample (absent, as a missing "
+        "file), and print each metric's drop against the evaluation with all modalities "
+        "(modality competition); writes eval/<split>-<checkpoint>-without-<NAME>.json",
+    )
+    parser.add_argument(
         "--variant",
         default="pooled",
         choices=("pooled", "task_mean"),
@@ -46,15 +56,41 @@ def run(args: argparse.Namespace) -> int:
         keys = primary_metrics(tasks_from_config(cfg))
         baselines = read_baselines(args.baselines, keys, args.split, args.checkpoint)
         delta = {"baselines": baselines, "variant": args.variant}
+    dropped = args.drop_modality
     with run_lock(args.run_dir, "moekit eval"):  # writes RUN_DIR/eval
-        values = evaluate_run(args.run_dir, args.split, args.checkpoint, mtl_delta=delta)
+        values = evaluate_run(
+            args.run_dir, args.split, args.checkpoint, mtl_delta=delta, drop_modalities=dropped
+        )
+        full = evaluate_run(args.run_dir, args.split, args.checkpoint) if dropped else None
     width = max(len(k) for k in values)
     for key, value in values.items():
         print(f"{key:<{width}}  {value:.6g}")
     report = delta_report(values, args.split)
     if report:
         print(report)
+    if full is not None:
+        print(drop_report(full, values, args.split, dropped))
     return 0
+
+
+def drop_report(
+    full: Mapping[str, float], without: Mapping[str, float], split: str, dropped: list[str]
+) -> str:
+    """Each task metric with all modalities, without ``dropped``, and the drop (all −
+    without; a loss's drop is negative when it grows)."""
+    prefix = f"{split}/"
+    keys = [
+        k for k in full if k.startswith(prefix) and k.count("/") == 2 and not k.endswith("/loss")
+    ]
+    width = max([len(k) - len(prefix) for k in keys] + [6])
+    lines = [
+        f"\nwithout {', '.join(dropped)} ({split}):",
+        f"  {'metric':<{width}}  {'all':>8}  {'without':>8}  {'drop':>8}",
+    ]
+    for key in keys:
+        a, b = full[key], without.get(key, float("nan"))
+        lines.append(f"  {key[len(prefix) :]:<{width}}  {a:8.4f}  {b:8.4f}  {a - b:+8.4f}")
+    return "\n".join(lines)
 
 
 def delta_report(values: Mapping[str, float], split: str) -> str:

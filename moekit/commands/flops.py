@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.analysis.flops import flops_report, reference_macs
     from moekit.analysis.runs import TrainedRun, example_inputs, untrained_model
     from moekit.fileio import atomic_write_text
+    from moekit.types import Batch
 
     source = Path(args.source)
     if source.is_dir():
@@ -73,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
         csv = args.csv
     inputs = example_inputs(cfg, args.split, args.batch, args.input_size)
     report = flops_report(model, inputs, list(tasks), args.per_task, args.depth)
+    tensors = inputs.inputs if isinstance(inputs, Batch) else inputs
     report["input_shape"] = (
-        list(inputs.shape)
-        if hasattr(inputs, "shape")
-        else {k: list(v.shape) for k, v in inputs.items()}
+        list(tensors.shape)
+        if hasattr(tensors, "shape")
+        else {k: list(v.shape) for k, v in tensors.items()}
     )
+    if isinstance(inputs, Batch) and inputs.present is not None:
+        report["present"] = inputs.present.tolist()
     if args.check:
         report["reference_matmul_flops"] = reference_macs(model, inputs)
     table = pd.DataFrame(

@@ -13,7 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per MoE layer, task and expert, the selections and the summed routing weight, the "
         "experts selected per token and the task relation. Writes usage.safetensors, "
         "usage.csv (layer, task, expert, count, weight, share, rate) and selected.csv "
-        "to RUN_DIR/usage/ (or --out).",
+        "to RUN_DIR/usage/ (or --out). On multi-modal data it also measures the modality "
+        "utilisation of the layers over several modalities' tokens (the share of each "
+        "task's routing mass from each modality): modality.csv, modality_information.csv "
+        "(the measured I(M;E|T)) and modality_utilisation.png.",
     )
     parser.add_argument("run_dir", help="a run directory written by moekit train")
     parser.add_argument("--split", default="val", help="split to count on (default: val)")
@@ -51,4 +54,15 @@ def _count(args: argparse.Namespace) -> int:
     usage.save(out)
     print(usage.selected_frame().to_string(index=False, float_format="{:.3f}".format))
     print(f"saved: {out}/usage.safetensors, usage.csv, selected.csv")
+    modality = usage.modality.to_frame() if usage.modality is not None else None
+    if modality is not None and len(modality):
+        from moekit.analysis.figures import plot_modality_utilisation
+
+        figure = plot_modality_utilisation(modality, out / "modality_utilisation.png")
+        shown = modality.drop(columns=["mass"])
+        print("\nmodality utilisation (share of each task's routing mass per modality):")
+        print(shown.to_string(index=False, float_format="{:.3f}".format))
+        information = usage.modality.information_frame()
+        print(information.to_string(index=False, float_format="{:.4f}".format))
+        print(f"saved: {out}/modality.csv, modality_information.csv, {figure.name}")
     return 0

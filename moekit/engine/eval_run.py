@@ -1,13 +1,16 @@
 """``evaluate_run``: the metrics of a saved run's checkpoint on one split (``moekit eval``),
-and the baselines of the multi-task delta (``moekit eval --baselines``)."""
+optionally with modalities removed (``--drop-modality``), and the baselines of the multi-task
+delta (``moekit eval --baselines``)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from moekit import config as config_io
 from moekit.engine import checkpoint
@@ -16,11 +19,53 @@ from moekit.engine.evaluation import evaluate_loop
 from moekit.engine.experiment import build_experiment
 from moekit.engine.launch import make_accelerator
 from moekit.engine.rundir import json_safe
-from moekit.errors import CheckpointError, ConfigError
+from moekit.errors import CheckpointError, ConfigError, did_you_mean
 from moekit.fileio import atomic_write_text
 from moekit.registry import METRICS
 from moekit.sections import settings
-from moekit.types import Task
+from moekit.types import Batch, Task
+
+
+def without_modalities(batch: Batch, names: Sequence[str]) -> Batch:
+    """``batch`` with the modalities ``names`` absent from every sample: their ``present``
+    column False and their tensor a zero filler, as for a sample whose file is missing
+    (targets are kept: a task that needs the modality is scored on what the model predicts
+    without it)."""
+    if not names:
+        return batch
+    inputs = {m: torch.zeros_like(x) if m in names else x for m, x in dict(batch.inputs).items()}
+    present = batch.present.clone()
+    for name in names:
+        present[:, batch.modalities.index(name)] = False
+    return Batch(inputs, batch.targets, batch.has_target, batch.meta, present)
+
+
+def check_dropped(dataset: Any, model: Any, names: Sequence[str]) -> None:
+    """``names`` must be modalities the dataset loads, and leave the model one it reads."""
+    loaded = tuple(getattr(dataset, "modalities", ()))
+    for name in names:
+        if name not in loaded:
+            raise ConfigError(
+                f"--drop-modality: '{name}' is not a modality of the data "
+                f"({', '.join(loaded) or 'a single image'}){did_you_mean(str(name), loaded)}"
+            )
+    read = list(getattr(model, "modality_names", loaded))
+    if all(m in names for m in read):
+        raise ConfigError(
+            f"--drop-modality: the model reads only {', '.join(read)}; without "
+            f"{', '.join(names)} it has no input left"
+        )
+    if not getattr(dataset, "dict_inputs", True):
+        raise ConfigError(
+            "--drop-modality: the data serves one modality as a plain tensor; set "
+            "dict_inputs: true on the dataset to drop modalities"
+        )
+
+
+def eval_file_name(split: str, which: str, dropped: Sequence[str] = ()) -> str:
+    """``<split>-<which>[-without-<m>+<m>].json``: where :func:`evaluate_run` writes."""
+    suffix = f"-without-{'+'.join(dropped)}" if dropped else ""
+    return f"{split}-{which}{suffix}.json"
 
 
 def evaluate_run(
@@ -28,15 +73,19 @@ def evaluate_run(
     split: str = "test",
     which: str = "best",
     mtl_delta: Mapping[str, Any] | None = None,
+    drop_modalities: Sequence[str] = (),
 ) -> dict[str, float]:
     """Evaluate ``checkpoints/<which>`` of ``run_dir`` on ``split``.
 
     ``mtl_delta`` (``{baselines, variant}``) replaces the run's ``eval.mtl_delta``.
     With ``eval.thresholds: tune`` the checkpoint's per-class thresholds (tuned on ``val``) are
-    applied unchanged. Writes ``<run_dir>/eval/<split>-<which>.json`` and returns
+    applied unchanged. ``drop_modalities`` removes those modalities from every sample of the
+    split (:func:`without_modalities`; modality competition). Writes
+    ``<run_dir>/eval/<split>-<which>[-without-<m>].json`` and returns
     ``{"<split>/<column>": value}``.
     Runs on any number of processes (metrics are gathered across them).
     """
+    dropped = list(dict.fromkeys(drop_modalities))
     run_dir = Path(run_dir)
     path = checkpoint.checkpoint_dir(run_dir, which)
     cfg = checkpoint.read_config(path)
@@ -45,6 +94,8 @@ def evaluate_run(
     exp = build_experiment(cfg, accelerator.num_processes, splits=[split])
     checkpoint.load_weights(exp.model, path / checkpoint.MODEL_FILE)
     checkpoint.restore_routing(exp.model, cfg, path)
+    if dropped:
+        check_dropped(exp.datasets[split], exp.model, dropped)
     loader = build_loader(exp.datasets[split], exp.data, train=False, seed=int(cfg.get("seed", 0)))
     objective, loader = accelerator.prepare(exp.objective, loader)
     bare: Any = accelerator.unwrap_model(objective)
@@ -54,7 +105,7 @@ def evaluate_run(
     values = evaluate_loop(
         bare.model,
         bare,
-        loader,
+        (without_modalities(batch, dropped) for batch in loader),
         exp.tasks,
         delta,
         threshold=settings(cfg, "eval")["threshold"],
@@ -64,10 +115,10 @@ def evaluate_run(
     )
     result = {f"{split}/{k}": v for k, v in values.items()}
     if accelerator.is_main_process:
-        out = run_dir / "eval" / f"{split}-{which}.json"
+        out = run_dir / "eval" / eval_file_name(split, which, dropped)
+        record = {"checkpoint": str(path), "dropped_modalities": dropped}
         atomic_write_text(
-            out,
-            json.dumps({"checkpoint": str(path), "metrics": json_safe(result)}, indent=2) + "\n",
+            out, json.dumps({**record, "metrics": json_safe(result)}, indent=2) + "\n"
         )
     return result
 

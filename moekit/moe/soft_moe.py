@@ -100,6 +100,10 @@ class SoftMoE(MoELayer):
     output comes from. ``logits[x, e] = logsumexp_{j ∈ slots(e)} L[x, j]`` (so ``probs =
     softmax(logits)``); ``index`` lists every expert the layer holds and ``weight`` their
     ``probs`` (``-1``/``0`` for masked tokens, which ``valid`` also excludes from statistics).
+    The record's ``dispatch_mass`` is the other direction, how much the slots read each token,
+    ``Σ_j D[x, j]`` over the held experts' slots (a sequence's masses sum to its slot count;
+    0 for masked tokens): a modality's share of it is the share of the layer's (a task's)
+    slot inputs drawn from that modality's tokens (modality utilisation).
 
     Per-expert extraction (:meth:`keep_experts`) keeps ``Φ`` whole, as a pruned token-choice
     layer keeps its router: the combine softmax still runs over every slot and the removed
@@ -282,6 +286,7 @@ class SoftMoE(MoELayer):
         slots = self.held_slots()
         if slots is not None:
             dispatch, combine = dispatch.index_select(2, slots), combine.index_select(2, slots)
+        record.dispatch_mass = dispatch.sum(dim=-1).reshape(-1)
         slot_inputs = torch.bmm(dispatch.transpose(1, 2).to(seq.dtype), seq)
         if self.task_embed is not None:
             embed = self.task_embed[0] if task_ids is None else self.task_embed[task_ids]

@@ -64,6 +64,10 @@ class RoutingRecord:
         modality_ids: ``[n]`` long modality id of every token, where there are modalities.
         valid: ``[n]`` bool, tokens that count in statistics (``False`` for padding or an absent
             modality); ``None`` means all tokens count.
+        dispatch_mass: ``[n]`` float, for layers whose slots read weighted averages of the
+            tokens (Soft MoE): each token's dispatch weight summed over its sequence's slots,
+            how much the layer's experts read it (``None`` for token-choice layers, where the
+            routing weights say it).
     """
 
     layer: str
@@ -71,3 +75,4 @@ class RoutingRecord:
     task_ids: Tensor | None = None
     modality_ids: Tensor | None = None
     valid: Tensor | None = None
+    dispatch_mass: Tensor | None = None

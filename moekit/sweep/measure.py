@@ -128,7 +128,7 @@ def analyse(
         usage[split] = collect_usage(run.model, run.loader(split), tasks)
     inputs = None
     if kinds & {"flops", "active_params"}:
-        inputs = next(iter(run.loader(evaluate["split"]))).inputs
+        inputs = next(iter(run.loader(evaluate["split"])))
     values: dict[str, float] = {}
     for column in columns:
         arg = column.arg
