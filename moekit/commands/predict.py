@@ -43,6 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="write into a --out folder that is not empty"
     )
+    parser.add_argument(
+        "--submission",
+        metavar="FILE",
+        help="also write the ODIR study's submission CSV: the template's ids in order with "
+        "0/1 D, G, A at the run's thresholds (moekit.projects.odir.submission)",
+    )
+    parser.add_argument(
+        "--template",
+        metavar="CSV",
+        help="the submission template (default: onsite_test_submission.csv of the run's data)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -64,6 +75,26 @@ def _claim(out: Path, source: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: is not empty; pass --overwrite to write into it")
+
+
+def _submission(args: argparse.Namespace, source: Path, tasks: dict, rows: list) -> None:
+    """Write ``--submission`` from the predictions (the ODIR study's format)."""
+    from moekit.engine.checkpoint import checkpoint_dir, read_config
+    from moekit.errors import ConfigError
+    from moekit.projects.odir import submission
+
+    labels = [name for name, task in tasks.items() if task.kind == "multilabel"]
+    if not labels:
+        raise ConfigError("--submission: the run has no multi-label task")
+    if args.template is not None:
+        template = Path(args.template)
+    else:
+        template = submission.template_of_run(read_config(checkpoint_dir(source, args.checkpoint)))
+    decisions = submission.decisions_from_predictions(rows, labels[0])
+    path = submission.write_submission(
+        args.submission, submission.read_template(template), decisions
+    )
+    print(f"submission: {path} ({template})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +119,8 @@ def _predict(args: argparse.Namespace, source: Path, out: Path) -> int:
     result = predict_to_folder(predictor, items, out, overlays=not args.no_overlays)
     done = len(result.rows)
     print(f"predicted {done} of {len(items)} inputs: {result.csv or out}")
+    if args.submission and not result.failures:
+        _submission(args, source, predictor.tasks, result.rows)
     if not result.failures:
         return 0
     print(f"moekit: {len(result.failures)} of {len(items)} inputs failed:", file=sys.stderr)

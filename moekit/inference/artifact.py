@@ -286,7 +286,7 @@ def export_run(
     source = ckpt_io.checkpoint_dir(run_dir, checkpoint)
     model, cfg, tasks = ckpt_io.load_model(run_dir, checkpoint)
     pipeline, dataset = pipeline_from_config(cfg, split)
-    thresholds = decision_thresholds(cfg, tasks)
+    thresholds = decision_thresholds(cfg, tasks, source)
     staging = out.with_name(f".{out.name}.tmp")
     if staging.exists():
         shutil.rmtree(staging)

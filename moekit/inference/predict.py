@@ -61,13 +61,14 @@ def load_predictor(
 ) -> Predictor:
     """The predictor of a run directory (``checkpoint``; the input pipeline read off its
     ``split`` dataset, which must be on disk) or of an artifact folder."""
-    from moekit.engine.checkpoint import load_model
+    from moekit.engine.checkpoint import checkpoint_dir, load_model
 
     if is_artifact(source):
         return load_artifact(source, device).predictor(tta, device)
     model, cfg, tasks = load_model(source, checkpoint, device)
     pipeline, _ = pipeline_from_config(cfg, split)
-    return Predictor(model, tasks, pipeline, decision_thresholds(cfg, tasks), tta, device)
+    thresholds = decision_thresholds(cfg, tasks, checkpoint_dir(source, checkpoint))
+    return Predictor(model, tasks, pipeline, thresholds, tta, device)
 
 
 def _stderr(message: str) -> None:

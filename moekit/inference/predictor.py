@@ -58,14 +58,19 @@ def thresholded(task: Task) -> bool:
 
 
 def decision_thresholds(
-    cfg: Mapping[str, Any], tasks: Mapping[str, Task]
+    cfg: Mapping[str, Any], tasks: Mapping[str, Task], checkpoint: Path | None = None
 ) -> dict[str, list[float]]:
     """The run's decision thresholds: ``{task: [t_c per class]}`` for every thresholded task
-    (one value for a binary map), from ``eval.threshold``. Prediction and export read a
-    run's thresholds here and nowhere else."""
+    (one value for a binary map), from ``eval.threshold``, or for a multi-label task the
+    per-class thresholds tuned on validation and kept in ``checkpoint`` (``eval.thresholds:
+    tune``). Prediction and export read a run's thresholds here and nowhere else."""
+    from moekit.engine.eval_run import tuned_thresholds
+
     threshold = float(settings(cfg, "eval")["threshold"])
+    tuned = (tuned_thresholds(cfg, checkpoint) if checkpoint is not None else None) or {}
     return {
-        name: [threshold] * (task.num_classes if task.kind == "multilabel" else 1)
+        name: tuned.get(name)
+        or [threshold] * (task.num_classes if task.kind == "multilabel" else 1)
         for name, task in tasks.items()
         if thresholded(task)
     }
