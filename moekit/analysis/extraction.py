@@ -63,6 +63,7 @@ def experts_to_keep(
     threshold: float | None = None,
     keep_top: float | None = None,
     tokens: float | None = None,
+    weight: Tensor | None = None,
 ) -> list[int]:
     """The experts a layer keeps for one task, from its selection counts ``count [E]``.
 
@@ -70,11 +71,14 @@ def experts_to_keep(
     task's tokens (or samples) the counts come from (needed by the threshold rule).
     Threshold: ``count > 0`` and ``count / tokens >= threshold`` (the usage frequency of
     the module docstring); keep-top: the ``ceil(keep_top · len(candidates))`` most used (ties
-    go to the lower id). The most used candidate is always kept.
+    go to the larger summed routing ``weight [E]`` when given, then to the lower id: a Soft
+    MoE layer uses every expert for every token, so its experts differ only in weight). The
+    most used candidate is always kept.
     """
     check_rule(threshold, keep_top)
     counts = {e: float(count[e]) for e in candidates}
-    ranked = sorted(candidates, key=lambda e: (-counts[e], e))
+    weights = {e: 0.0 if weight is None else float(weight[e]) for e in candidates}
+    ranked = sorted(candidates, key=lambda e: (-counts[e], -weights[e], e))
     if keep_top is not None:
         kept = ranked[: max(1, math.ceil(round(keep_top * len(candidates), 9)))]
     else:
@@ -88,11 +92,16 @@ def experts_to_keep(
 def usage_row(usage: ExpertUsage, layer: str, task: str) -> tuple[Tensor, float]:
     """``(count [E], tokens)`` of ``task`` in ``layer`` (the only row of a layer that knows no
     tasks)."""
-    if layer not in usage.layers:
+    stats = usage.layers.get(layer)
+    if stats is None:
         raise DataError(f"expert usage has no layer '{layer}' (did the profiling data reach it?)")
-    stats = usage.layers[layer]
-    row = 0 if stats.count.shape[0] == 1 else task_position(usage.tasks, task)
+    row = task_row(usage, layer, task)
     return stats.count[row], float(stats.tokens[row])
+
+
+def task_row(usage: ExpertUsage, layer: str, task: str) -> int:
+    """The row of ``task`` in ``layer``'s statistics (0 for a layer that knows no tasks)."""
+    return 0 if usage.layers[layer].count.shape[0] == 1 else task_position(usage.tasks, task)
 
 
 def reduced_router(layer: nn.Module, kept: int) -> dict[str, Any]:
@@ -125,7 +134,8 @@ def prune_model(
     specs = {}
     for name, layer in moe_layers(pruned):
         count, tokens = usage_row(usage, name, task)
-        kept = experts_to_keep(count, layer.expert_ids, threshold, keep_top, tokens)
+        weight = usage.layers[name].weight[task_row(usage, name, task)]
+        kept = experts_to_keep(count, layer.expert_ids, threshold, keep_top, tokens, weight)
         router = reduced_router(layer, len(kept)) if reduce_k else dict(layer.router_config)
         specs[name] = layer_spec(kept, router)
     apply_layer_specs(pruned, specs)

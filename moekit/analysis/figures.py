@@ -209,8 +209,8 @@ def plot_pruning_curve(frame: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, Path(path))
 
 
-def _panels(count: int, width: float, height: float) -> tuple[Any, list[Any]]:
-    cols = min(3, count)
+def _panels(count: int, width: float, height: float, cols: int = 3) -> tuple[Any, list[Any]]:
+    cols = min(cols, count)
     rows = math.ceil(count / cols)
     fig, axes = pyplot().subplots(
         rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False
@@ -248,7 +248,7 @@ def plot_modality_utilisation(
                     ax.text(left[i] + value / 2, i, text, ha="center", va="center", fontsize=8)
             left += share
             token_left += rows["token_share"].to_numpy(dtype=float)
-            if m < len(modalities) - 1:
+            if m < len(modalities) - 1 and np.isfinite(token_left).any():
                 ax.scatter(
                     token_left, range(len(tasks)), marker="|", s=300, color="black", zorder=3
                 )
@@ -270,7 +270,8 @@ def plot_modality_drop(frame: pd.DataFrame, path: str | Path, title: str | None 
     metrics = list(dict.fromkeys(frame["metric"]))
     colours = pyplot().get_cmap("tab10")
     width = 0.8 / max(len(models), 1)
-    fig, axes = _panels(len(dropped), max(4.5, 0.5 * len(models) * len(metrics) + 1.5), 3.2)
+    size = min(14.0, max(5.0, 0.22 * len(models) * len(metrics) + 2.0))
+    fig, axes = _panels(len(dropped), size, 3.0, cols=1)
     for ax, name in zip(axes, dropped, strict=True):
         part = frame[frame["dropped"] == name]
         for i, model in enumerate(models):
@@ -290,7 +291,7 @@ def plot_modality_drop(frame: pd.DataFrame, path: str | Path, title: str | None 
         ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")
         ax.set_ylabel("drop (with all − without)")
         ax.set_title(f"without {name}", fontsize=9)
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=7, ncol=min(len(models), 5), loc="upper right")
     fig.suptitle(
         title or "modality competition: metric drop when a modality is removed", fontsize=10
     )
