@@ -233,6 +233,8 @@ def test_losses_are_differentiable_and_empty_record_lists_give_zero():
     index, weight = select_top_k(probs, 2)
     rec = RoutingRecord("l", Routing(probs, logits, index, weight), torch.tensor([0, 1, 2] * 4))
     for name in AUX_LOSSES.names():
+        if name == "cam_entropy":  # needs the predictions and the batch: tests/test_cam.py
+            continue
         if name == "conditional_mutual_information":
             rec.modality_ids = torch.tensor([0, 1] * 6)
         value = AUX_LOSSES.build(name)([rec])
