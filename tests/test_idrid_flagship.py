@@ -51,6 +51,28 @@ def test_outputs_and_only_labelled_heads_run():
     torch.testing.assert_close(full.preds["OD"][2], out.preds["OD"][2])
 
 
+def test_channels_last_model_computes_the_same_function_in_nhwc():
+    contiguous = small_model().eval()  # eval: dropout masks would differ with the layout
+    nhwc = small_model(channels_last=True).eval()
+    nhwc.load_state_dict(contiguous.state_dict())
+    weights = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    images = torch.randn(3, 3, 64, 96)
+    grading = torch.tensor([True, True, False])
+    mask = {t: grading if t in ("rg", "mer") else ~grading for t in TASKS}
+    outs = []
+    for model in (contiguous, nhwc):
+        out = model(images, mask)
+        sum(pred.square().mean() for pred in out.preds.values()).backward()
+        outs.append(out)
+    assert outs[1].preds["OD"].is_contiguous(memory_format=torch.channels_last)
+    for task in TASKS:
+        torch.testing.assert_close(outs[1].preds[task], outs[0].preds[task], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(contiguous.named_parameters(), nhwc.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_sigmoid_dense_phase_weights_are_normalised_scores():
     model = small_model().eval()
     out = model(torch.randn(2, 3, 64, 96))

@@ -46,7 +46,12 @@ DEFAULT_ROUTER = {"type": "softmax", "score": "sigmoid", "renormalize": True}
 @MODELS.register("mtl_cnn")
 class MultiTaskCNN(nn.Module):
     """IDRiD multi-task MoE CNN: ResNet backbone, per-task MoE classification and
-    DeepLabV3+ segmentation heads (Roy 2025; Chen et al. 2018 for DeepLabV3+)."""
+    DeepLabV3+ segmentation heads (Roy 2025; Chen et al. 2018 for DeepLabV3+).
+
+    ``channels_last: true`` stores the convolution weights in channels-last (NHWC) layout, so
+    the convolutions also produce channels-last activations (the same function; faster oneDNN
+    kernels on a CPU in bf16, measured in docs/performance.md).
+    """
 
     def __init__(
         self,
@@ -58,6 +63,7 @@ class MultiTaskCNN(nn.Module):
         seg_expert: Mapping[str, Any] | None = None,
         aspp: Mapping[str, Any] | None = None,
         run_all_heads: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.task_names = list(tasks)
@@ -93,6 +99,8 @@ class MultiTaskCNN(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.aspp = ASPP(in_channels=high_channels, **(aspp or {})) if self.dense_tasks else None
         name_moe_layers(self)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def single_task(self, task: str) -> None:
         """Keep only ``task``'s MoE head (and the ASPP if ``task`` segments): every head has
