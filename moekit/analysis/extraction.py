@@ -121,7 +121,7 @@ def prune_model(
     keep_top: float | None = None,
     reduce_k: bool = False,
 ) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """Extract ``task`` from ``model`` (left unchanged): ``(pruned model, layer specs)``.
+    """Extract ``task`` from ``model`` (left unchanged): ``(extracted model, layer specs)``.
 
     The specs (``{layer: {experts, router}}``, router expert ids) rebuild the architecture
     with :func:`moekit.models.pruned.apply_layer_specs` (see :func:`pruned_config`).

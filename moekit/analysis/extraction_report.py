@@ -23,7 +23,7 @@ The saved directory has a run's layout, so ``moekit eval OUT`` and
     OUT/prune.json, OUT/prune.csv        the report and its table
 
 :meth:`TaskExtraction.sweep` runs a list of thresholds and keep-top fractions and draws the
-pruning curve (metric against parameters; Mod-Squad's Fig. 3).
+extraction curve (metric against parameters; Mod-Squad's Fig. 3).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class TaskExtraction:
     """Extract task ``task`` from a run (see the module docstring).
 
     Args:
-        run_dir: a run directory (or a pruned one).
+        run_dir: a run directory (or an extracted one).
         task: the task to keep.
         split: the split the metric is computed on.
         profile_split: the split expert usage is counted and outputs are compared on.
@@ -308,7 +308,7 @@ class TaskExtraction:
         overwrite: bool = False,
     ) -> tuple[pd.DataFrame, Path]:
         """Extract with every threshold and keep-top fraction; write ``sweep.csv`` and the
-        pruning curve ``pruning_curve.png`` into ``out``. Returns the table and the figure."""
+        extraction curve ``pruning_curve.png`` into ``out``. Returns the table and the figure."""
         from moekit.analysis.figures import plot_pruning_curve
 
         root = Path(out) if out is not None else self.run.path / "pruned" / f"{self.task}-sweep"

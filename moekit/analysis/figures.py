@@ -1,4 +1,4 @@
-"""Figures of expert usage and pruning (PNG, matplotlib's Agg backend).
+"""Figures of expert usage and extraction (PNG, matplotlib's Agg backend).
 
 - :func:`plot_usage_heatmaps`: per MoE layer, the frequency with which each task selects each
   expert, tasks × experts (Mod-Squad, Chen et al., CVPR 2023, Fig. 5);

@@ -7,8 +7,9 @@ dense, MoE, ...) and reported as medians, so that drifting machine load hits eve
    ``H``) against a dense MLP of hidden ``k * H``: the same active FLOPs (Mod-Squad's
    ``H_e = H / k`` rule). Each dispatch strategy is timed (on several threads, ``loop`` also
    with its expert blocks in turn instead of side by side), plus the Mod-Squad reference code's
-   layer (:mod:`moekit.bench.reference_moe`, routing the same pairs) and the seed-style "dense
-   masked" MoE that computes every expert on every token and masks the unselected ones;
+   layer (:mod:`moekit.bench.reference_moe`, routing the same pairs) and the "dense masked" MoE
+   of the IDRiD paper's reference code, which computes every expert on every token and masks
+   the unselected ones;
 2. inference with top-p routing at several ``p`` against all-experts dense routing of the same
    layer (the same gate), with the mean number of experts selected: time should fall in
    proportion to the experts selected;
@@ -114,7 +115,8 @@ class DenseMLP(nn.Module):
 
 
 def dense_masked(layer: MoEMLP, x: Tensor) -> Tensor:
-    """The seed's way: every expert on every token, unselected experts weighted by zero."""
+    """The IDRiD reference code's way: every expert on every token, unselected experts weighted
+    by zero."""
     tokens = x.reshape(-1, x.shape[-1])
     weight = layer.router(tokens).dense_weight()
     h = torch.einsum("nc,ech->enh", tokens, layer.fc1.weight) + layer.fc1.bias[:, None]

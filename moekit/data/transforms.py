@@ -10,7 +10,7 @@ Every builder takes ``image_size = (height, width)`` and ``seed`` (so the regist
 ``build(cfg, image_size=..., seed=...)`` works for any entry) and builds a
 ``Compose(..., strict=True, seed=seed)``: an unknown argument is an error, and the random
 stream is reproducible. :meth:`JointTransform.set_seed` restarts the stream; datasets call it
-with a seed derived from (dataset seed, epoch, worker) — see ``docs/idrid.md``.
+per sample, with a seed derived from (dataset seed, epoch, sample index).
 
 Entries:
 

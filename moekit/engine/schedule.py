@@ -8,7 +8,7 @@ epochs it lasts to (exclusive). The phase of epoch ``e`` (0-based, of ``E``) is 
   :func:`moekit.moe.set_routing` (same gate parameters, so the optimizer is unaffected)::
 
       routing_schedule:
-        - {until: 0.5, router: softmax}     # all experts for the first half (IDRiD seed)
+        - {until: 0.5, router: softmax}     # all experts for the first half (the IDRiD paper)
         - {router: top_p, p: 0.5}           # then top-p; other keys are router options
         # optional per phase: layers: "<regex of MoE layer names>"
 

@@ -1,8 +1,8 @@
 """Mutual information between tasks (or modalities) and experts.
 
-Mod-Squad (Chen et al., CVPR 2023, eq. 5-7) maximises ``I(T; E)`` per MoE layer; M4oE (seed
-001) maximises ``I(M; E | T)`` between modalities and experts given the task. Both are formed
-from batch statistics: per-group sums of the routing probabilities over *all* experts (soft
+Mod-Squad (Chen et al., CVPR 2023, eq. 5-7) maximises ``I(T; E)`` per MoE layer; M4oE (Wu et
+al., ICLR 2025) maximises ``I(M; E | T)`` between modalities and experts given the task. Both are
+formed from batch statistics: per-group sums of the routing probabilities over *all* experts (soft
 assignments, not just the selected experts) and per-group token counts. The statistics are
 summed by a ``reduce`` function before the probabilities are formed; by default an
 autograd-aware all-reduce, so under data parallelism the MI is that of the global batch (a

@@ -15,7 +15,7 @@ rebuild that architecture from the source model's config::
 Building it builds the source architecture, keeps ``task`` (``model.single_task``: its head,
 its gates, its task embedding) and applies :func:`apply_layer_specs`; the weights are loaded
 afterwards. The router of every layer is recorded (the routing phase the source checkpoint
-was in, possibly with a reduced ``k``), so a pruned run needs no ``routing_schedule``.
+was in, possibly with a reduced ``k``), so an extracted run needs no ``routing_schedule``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from moekit.types import Task, tasks_from_config
 
 
 def layer_spec(experts: list[int], router: Mapping[str, Any]) -> dict[str, Any]:
-    """The config entry of one pruned MoE layer."""
+    """The config entry of one extracted MoE layer."""
     return {"experts": [int(e) for e in experts], "router": dict(router)}
 
 

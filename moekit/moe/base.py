@@ -69,7 +69,7 @@ class MoELayer(nn.Module):
 
     @property
     def expert_ids(self) -> list[int]:
-        """The router's ids of the experts the layer holds (all of them until pruned)."""
+        """The router's ids of the experts the layer holds (all of them until an extraction)."""
         if self.expert_map is None:
             return list(range(self.num_experts))
         return (self.expert_map >= 0).nonzero().flatten().tolist()
@@ -146,10 +146,10 @@ class MoELayer(nn.Module):
         than ``k`` are kept; slots beyond those stay empty), top-p accumulates the kept
         experts' scores. ``probs`` stays the score over all experts, and the combine weights
         are the kept experts' entries of it (the full-softmax probabilities), divided by their
-        sum only when the router renormalizes. This holds for every pruning rule, not only
-        with a reduced ``k``: it is what the paper's pruned model computes (a router that can
+        sum only when the router renormalizes. This holds for every extraction rule, not only
+        with a reduced ``k``: it is what the paper's extracted model computes (a router that can
         only pick the experts left, at the FLOPs of the full model: Mod-Squad ViT-S 5.2
-        GFLOPs before and after pruning), whereas dropping the selections of removed experts
+        GFLOPs before and after extraction), whereas dropping the selections of removed experts
         would leave tokens with fewer experts, or none, and the output with less weight.
         A token that selected only kept experts selects the same ones as before.
         """

@@ -105,7 +105,7 @@ class SoftMoE(MoELayer):
     0 for masked tokens): a modality's share of it is the share of the layer's (a task's)
     slot inputs drawn from that modality's tokens (modality utilisation).
 
-    Per-expert extraction (:meth:`keep_experts`) keeps ``Φ`` whole, as a pruned token-choice
+    Per-expert extraction (:meth:`keep_experts`) keeps ``Φ`` whole, as an extracted token-choice
     layer keeps its router: the combine softmax still runs over every slot and the removed
     experts' slots contribute nothing.
 

@@ -30,7 +30,7 @@ class DeepLabDecoder(nn.Module):
         num_classes: output channels (1 for a binary lesion mask).
         high_channels: channels of the ASPP output.
         low_channels: channels of the low-level features (ResNet stage 1: 256).
-        low_proj_channels: the low-level projection (48 in the paper, 64 in the seed).
+        low_proj_channels: the low-level projection (48 in the paper, 64 in the reference code).
         channels: width of the fusion convolution.
         dropout: dropout before the classifier.
 

@@ -290,7 +290,7 @@ def plot_columns(
 
 
 def plot_extraction_curves(study: Study, out_dir: Path) -> list[Path]:
-    """The pruning curve (Mod-Squad Fig. 3) of every (source, task) the study extracts from,
+    """The extraction curve (Mod-Squad Fig. 3) of every (source, task) the study extracts from,
     from the reports of its extraction variants (first seed)."""
     from moekit.analysis.figures import plot_pruning_curve
 

@@ -1,20 +1,21 @@
-"""``moekit bench idrid``: the flagship's MoE heads, sparse dispatch vs the seed's masking.
+"""``moekit bench idrid``: the flagship's MoE heads, sparse dispatch vs the reference code's
+masking.
 
-The IDRiD seed computes every expert of every task on every image and then multiplies the
-unselected ones by zero, so its top-p phase saves nothing. moekit runs each expert once, on the
-samples that selected it. This benchmark times one training step (forward + backward, half
-grading and half segmentation images, each head on its labelled images) and one inference step
-(every head on every image) of a config's model in its top-p phase, both ways, in one process
-with alternating repetitions (medians of paired ratios), and prints the mean number of experts
-selected on the benchmark's random images.
+The IDRiD paper's reference code computes every expert of every task on every image and then
+multiplies the unselected ones by zero, so its top-p phase saves nothing. moekit runs each
+expert once, on the samples that selected it. This benchmark times one training step (forward +
+backward, half grading and half segmentation images, each head on its labelled images) and one
+inference step (every head on every image) of a config's model in its top-p phase, both ways,
+in one process with alternating repetitions (medians of paired ratios), and prints the mean
+number of experts selected on the benchmark's random images.
 
 The default model is ``configs/idrid/demo.yaml``'s (ResNet-18, narrow heads); ``--config
-configs/idrid/mtl_r50_topp.yaml`` benchmarks the flagship (ResNet-50, the seed's head shapes) at
-the small ``--size``. Config paths are looked up relative to the current directory, then in the
-moekit checkout. Its models are *untrained* (random initialisation): their sigmoid gate scores
-sit near 0.5, so top-p with p = 0.8 keeps 2 of 3 experts almost everywhere — the printed
-experts-selected mean describes that untrained state, not trained routing; ``--run RUN_DIR``
-benchmarks a trained run's model instead (its checkpoint's gates).
+configs/idrid/mtl_r50_topp.yaml`` benchmarks the flagship (ResNet-50, the IDRiD paper's head
+shapes) at the small ``--size``. Config paths are looked up relative to the current directory,
+then in the moekit checkout. Its models are *untrained* (random initialisation): their sigmoid
+gate scores sit near 0.5, so top-p with p = 0.8 keeps 2 of 3 experts almost everywhere — the
+printed experts-selected mean describes that untrained state, not trained routing; ``--run
+RUN_DIR`` benchmarks a trained run's model instead (its checkpoint's gates).
 
 ``--dtype float32 bfloat16`` also times every step under bf16 autocast and ``--memory-format
 contiguous channels_last`` with the model and images in channels-last (NHWC) layout; all
@@ -61,7 +62,7 @@ def masked_modules_forward(
     gate_input: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> tuple[Tensor, RoutingRecord]:
-    """The seed's way: every expert on every sample, weighted by the (mostly zero) dense
+    """The reference code's way: every expert on every sample, weighted by the (mostly zero) dense
     routing weights."""
     inputs = (x,) if isinstance(x, Tensor) else tuple(x)
     routing, record = layer.route(
@@ -77,7 +78,7 @@ def masked_modules_forward(
 
 @contextmanager
 def seed_style(model: nn.Module) -> Iterator[None]:
-    """Temporarily run every ``MoEModules`` of ``model`` the seed's way."""
+    """Temporarily run every ``MoEModules`` of ``model`` the reference code's way."""
     layers = [layer for _, layer in moe_layers(model) if isinstance(layer, MoEModules)]
     for layer in layers:
         layer.forward = partial(masked_modules_forward, layer)
@@ -108,8 +109,8 @@ def run(
     memory_formats: Sequence[str] = ("contiguous",),
     clock: str = "wall",
 ) -> dict[str, Any]:
-    """Time training and inference steps, sparse and seed-style, in every dtype and memory
-    format; return the numbers.
+    """Time training and inference steps, sparse and masked as the reference code does, in every
+    dtype and memory format; return the numbers.
 
     The model is ``config_path``'s, untrained, or with ``run_dir`` the run's trained model
     (``checkpoint``), whose config then replaces ``config_path``. Times on ``clock``

@@ -1,4 +1,4 @@
-"""The IDRiD multi-task MoE model (seed 000): a ResNet backbone with per-task MoE heads.
+"""The IDRiD multi-task MoE model: a ResNet backbone with per-task MoE heads.
 
 Roy, "Mixture-of-Experts, Multi-Task Learning for Eye Disease Diagnosis", 2025 (IDRiD). One
 model grades diabetic retinopathy (``rg``) and macular-edema risk (``mer``) and segments five
