@@ -3,14 +3,14 @@ import torch
 
 from moekit import config
 from moekit.moe import set_routing
-from moekit.projects.idrid.bench import markdown, run, seed_style
+from moekit.projects.idrid.bench import markdown, run, masked_like_reference
 from moekit.registry import MODELS, import_builtins
 from moekit.types import tasks_from_config
 
 import_builtins()
 
 
-def test_seed_style_masking_computes_the_same_outputs():
+def test_masked_like_reference_masking_computes_the_same_outputs():
     cfg = config.load("configs/idrid/demo.yaml")
     tasks = tasks_from_config(cfg)
     torch.manual_seed(0)
@@ -19,7 +19,7 @@ def test_seed_style_masking_computes_the_same_outputs():
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         sparse = model(images).preds
-        with seed_style(model):
+        with masked_like_reference(model):
             masked = model(images).preds
         restored = model(images).preds
     for name in tasks:

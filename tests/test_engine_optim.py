@@ -20,7 +20,7 @@ def toy():
 
 
 def test_param_groups_idrid_style():
-    """IDRiD seed: lr 3e-5 for the backbone, 3e-4 for the rest, weight decay 1e-4."""
+    """The IDRiD paper: lr 3e-5 for the backbone, 3e-4 for the rest, weight decay 1e-4."""
     model = toy()
     named = [*model.named_parameters(), ("weighting.log_vars", nn.Parameter(torch.zeros(2)))]
     cfg = {

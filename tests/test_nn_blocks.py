@@ -42,7 +42,7 @@ def test_dsconv_shapes(stride, dilation, size, out_size):
 def test_dsconv_parameter_counts():
     # depthwise 320·3·3, pointwise 320·256, BatchNorm 2·256, no biases before BN
     assert n_params(DSConv(320, 256, 3)) == 320 * 9 + 320 * 256 + 2 * 256 == 85_312
-    # the seed's form: biases on both convolutions, no norm
+    # the IDRiD paper's form: biases on both convolutions, no norm
     assert (
         n_params(DSConv(2048, 1024, 3, norm=False, act=False))
         == 2048 * 9 + 2048 + 2048 * 1024 + 1024

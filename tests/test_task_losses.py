@@ -63,7 +63,7 @@ def test_bce_and_class_balanced():
 
 
 def test_sigmoid_focal_is_torchvision_on_one_hot_labels():
-    """The IDRiD seed's classification focal loss: sigmoid form on one-hot labels."""
+    """The IDRiD paper's classification focal loss: sigmoid form on one-hot labels."""
     logits, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
     loss = build("focal", form="sigmoid", alpha=0.75, gamma=4.0)(logits, y)
     one_hot = F.one_hot(y, 5).float()

@@ -237,7 +237,7 @@ def _measure(
         **{name: f"MoE-MLP top-{k}, dispatch `{name}`" for name in moe},
         "loop_in_turn": f"MoE-MLP top-{k}, dispatch `loop`, expert blocks in turn (no workers)",
         "reference": f"MoE-MLP top-{k}, the Mod-Squad reference code's layer (re-implemented)",
-        "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, seed-style)",
+        "masked": f"MoE-MLP top-{k}, dense masked (every expert computed, as the reference code)",
     }
     fns = {
         f"{dtype}/{name}": _train_step(layer, x, grad, dtype, name == "loop_in_turn")

@@ -77,7 +77,7 @@ def masked_modules_forward(
 
 
 @contextmanager
-def seed_style(model: nn.Module) -> Iterator[None]:
+def masked_like_reference(model: nn.Module) -> Iterator[None]:
     """Temporarily run every ``MoEModules`` of ``model`` the reference code's way."""
     layers = [layer for _, layer in moe_layers(model) if isinstance(layer, MoEModules)]
     for layer in layers:
@@ -166,12 +166,12 @@ def run(
 
         return step
 
-    def seed_way(fmt: str, step: Callable[[], None]) -> Callable[[], None]:
-        def seed_step() -> None:
-            with seed_style(models[fmt]):
+    def masked_way(fmt: str, step: Callable[[], None]) -> Callable[[], None]:
+        def masked_step() -> None:
+            with masked_like_reference(models[fmt]):
                 step()
 
-        return seed_step
+        return masked_step
 
     variants = [(dtype, fmt) for dtype in dtypes for fmt in memory_formats]
 
@@ -179,7 +179,7 @@ def run(
         fns = {}
         for dtype, fmt in variants:
             fns[f"{dtype}/{fmt}/sparse"] = make(fmt, dtype)
-            fns[f"{dtype}/{fmt}/masked"] = seed_way(fmt, make(fmt, dtype))
+            fns[f"{dtype}/{fmt}/masked"] = masked_way(fmt, make(fmt, dtype))
         times = time_alternating(fns, reps, warmup, dev, clock=clock)
         base = f"{variants[0][0]}/{variants[0][1]}/sparse"
         rows = []
@@ -246,7 +246,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['reps']} alternating repetitions, {s['clock']} clock, load average {s['load']} "
         "(1/5/15 min, at the end); median times, ratios are medians of per-repetition ratios.",
         "",
-        f"| step | dtype | memory format | sparse ms | masked (seed) ms | sparse / masked | "
+        f"| step | dtype | memory format | sparse ms | masked (reference) ms | sparse / masked | "
         f"sparse / sparse ({s['base']}) |",
         "|---|---|---|---:|---:|---:|---:|",
     ]

@@ -34,7 +34,7 @@ def _lesions(iou_dice: Mapping[str, tuple[float, float]]) -> dict[str, float]:
     }
 
 
-SEED_TABLE1: tuple[dict[str, float | str], ...] = (
+PAPER_TABLE1: tuple[dict[str, float | str], ...] = (
     {"model": "ResNet-50 (single-task)", "rg acc": 54.3, "mer acc": 81.5},
     {
         "model": "DeepLabV3+ (single-task)",
@@ -69,7 +69,7 @@ split)."""
 
 def reference_rows() -> list[dict[str, float | str]]:
     """The IDRiD paper's reported Table-1 rows, labelled :data:`REFERENCE_SOURCE`."""
-    return [{"model": row["model"], "source": REFERENCE_SOURCE, **row} for row in SEED_TABLE1]
+    return [{"model": row["model"], "source": REFERENCE_SOURCE, **row} for row in PAPER_TABLE1]
 
 
 def result_row(
