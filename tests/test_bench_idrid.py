@@ -3,7 +3,7 @@ import torch
 
 from moekit import config
 from moekit.moe import set_routing
-from moekit.projects.idrid.bench import markdown, run, masked_like_reference
+from moekit.projects.idrid.bench import markdown, masked_like_reference, run
 from moekit.registry import MODELS, import_builtins
 from moekit.types import tasks_from_config
 
