@@ -156,12 +156,19 @@ def test_results_table_mean_std_best_and_delta(tmp_path):
         assert frame.loc[variant, "delta"] == pytest.approx(np.mean(deltas))
 
     table = (study.directory / "results.md").read_text()
-    best_acc = frame["acc"].idxmax()
-    best_err = frame["err"].idxmin()
     lines = [line for line in table.splitlines() if line.startswith("| `")]
     row = {line.split("|")[1].strip(): line for line in lines}
-    assert f"**{frame.loc[best_acc, 'acc']:.4g}" in row[f"`{best_acc}`"]
-    assert f"**{frame.loc[best_err, 'err']:.4g}" in row[f"`{best_err}`"]
+    for label, higher in (("acc", True), ("err", False)):
+        best = frame[label].idxmax() if higher else frame[label].idxmin()
+        sign = 1 if higher else -1
+        low = sign * frame.loc[best, label] - frame.loc[best, f"{label} std"]
+        others = frame.drop(best)
+        clear = low > (sign * others[label] + others[f"{label} std"]).max()
+        bold = f"**{frame.loc[best, label]:.4g}" in row[f"`{best}`"]
+        assert bold == clear, label  # marked only where the intervals separate
+    assert table.count("**") // 2 == 1 + sum(
+        f"**{frame.loc[v, c]:.4g}" in row[f"`{v}`"] for v in frame.index for c in ("acc", "err")
+    )
     assert "**1 ± 0**" in row["`stl`"], "fewest parameters is best"
     assert "| 0 ± " in row["`stl`"], "a baseline's Δ against itself is 0"
     assert (study.directory / "figures" / "acc.png").is_file()
@@ -227,18 +234,22 @@ def test_sweep_end_to_end_with_failure_interruption_and_resume(tmp_path, capsys)
     assert (study.directory / "figures" / "cls_acc.png").is_file()
 
 
-def test_best_variant_by_direction_and_none_when_all_tie():
-    from moekit.sweep.results import best_variants
+def test_a_best_is_marked_only_where_its_interval_is_clear_of_the_others():
+    from moekit.sweep.results import separated_best
 
     frame = pd.DataFrame(
         {
             "variant": ["a", "b", "c"],
-            "acc": [0.5, 0.7, 0.7],
-            "loss": [0.3, math.nan, 0.1],
-            "dice": [0.0, 0.0, 0.0],
-            "n": [1.0, 2.0, 3.0],
+            "runs": ["3/3", "3/3", "1/1"],
+            "acc": [0.5, 0.8, 0.6],
+            "acc std": [0.05, 0.05, math.nan],
+            "loss": [0.30, 0.28, 0.5],
+            "loss std": [0.05, 0.05, math.nan],
         }
     )
-    directions = {"acc": True, "loss": False, "dice": True, "n": None}
-    assert best_variants(frame, directions) == {"acc": "b", "loss": "c"}
-    assert best_variants(frame.iloc[:1], {"dice": True}) == {"dice": "a"}
+    seeds = {"a": 3, "b": 3, "c": 1}
+    assert separated_best(frame, "acc", True, seeds) == "b"  # 0.75 > 0.6 and 0.55
+    assert separated_best(frame, "loss", False, seeds) is None  # 0.28 ± 0.05 overlaps 0.30 ± 0.05
+    assert separated_best(frame, "acc", None, seeds) is None  # no direction
+    one_seed = frame.assign(**{"acc std": math.nan})
+    assert separated_best(one_seed, "acc", True, {"a": 1, "b": 1, "c": 1}) is None

@@ -2,12 +2,13 @@
 
 ``results.csv`` holds, per variant, the number of seeds that finished, the status, and per
 column the mean and the standard deviation over seeds (``<label>`` and ``<label> std``;
-sample std, ``ddof = 1``; empty with one seed). ``results.md`` shows ``mean ± std`` with the
-best value of each column in bold (by the column's direction: a task metric's own, lower for
-FLOPs and parameters, higher for Δ; columns without a direction mark nothing), and lists the
-errors of failed variants below the table. ``figures/<column>.png`` is a bar chart per column:
-error bars only where a variant ran with several seeds, and a best bar (red) only where its
-interval is clear of every other variant's (:func:`separated_best`), never with one seed.
+sample std, ``ddof = 1``; empty with one seed). ``results.md`` shows ``mean ± std`` and lists
+the errors of failed variants below the table. A best value (by the column's direction: a task
+metric's own, lower for FLOPs and parameters, higher for Δ; columns without a direction mark
+nothing) is marked, in bold in the table and red in the chart, only where it is clear of the
+others (:func:`separated_best`): with one seed, or overlapping intervals, nothing is marked.
+``figures/<column>.png`` is a bar chart per column, error bars where a variant ran with
+several seeds.
 
 A ``delta`` column is the multi-task Δ (Maninis et al. 2019; Mod-Squad's Δ_t) of each run
 against the mean over seeds of the named baseline variants, in percent, with the variant
@@ -153,19 +154,6 @@ def summarize(study: Study, rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(summary)
 
 
-def best_variants(frame: pd.DataFrame, directions: Mapping[str, bool | None]) -> dict[str, str]:
-    """The best variant of each column with a direction (ties: the first). A column whose
-    variants all have the same value has no best one."""
-    best = {}
-    for label, higher in directions.items():
-        values = frame[label][frame[label].map(math.isfinite)]
-        if higher is None or values.empty or (len(values) > 1 and values.nunique() == 1):
-            continue
-        index = values.idxmax() if higher else values.idxmin()
-        best[label] = frame.loc[index, "variant"]
-    return best
-
-
 def _format(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "–"
@@ -176,8 +164,9 @@ def _format(mean: float, std: float) -> str:
 
 
 def markdown(study: Study, frame: pd.DataFrame, directions: Mapping[str, bool | None]) -> str:
-    """The results table as markdown (best values in bold, errors listed below)."""
-    best = best_variants(frame, directions)
+    """The results table as markdown (a separated best in bold, errors listed below)."""
+    seeds = _seeds_finished(frame)
+    best = {label: separated_best(frame, label, directions[label], seeds) for label in directions}
     labels = [c.label for c in study.columns]
     arrows = {True: " ↑", False: " ↓", None: ""}
     header = ["variant", "runs", *(f"{label}{arrows[directions[label]]}" for label in labels)]
@@ -185,7 +174,8 @@ def markdown(study: Study, frame: pd.DataFrame, directions: Mapping[str, bool | 
         f"Study `{study.name}`"
         + (f" (profile `{study.profile}`)" if study.profile else "")
         + f": {study.evaluate['split']} split, `{study.evaluate['checkpoint']}` checkpoint, "
-        f"seeds {', '.join(map(str, study.seeds))}; mean ± std over seeds, best in bold.",
+        f"seeds {', '.join(map(str, study.seeds))}; mean ± std over seeds; in bold a best "
+        "mean whose interval is clear of every other variant's (none with one seed).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * 2 + "---:|" * len(labels),
