@@ -251,6 +251,30 @@ def test_the_objective_adds_the_term_inside_its_graph():
     assert hook_count(model) == 0
 
 
+def test_the_term_reaches_the_head_when_the_trunk_is_frozen():
+    torch.manual_seed(5)
+    model = TinyCnn()
+    for layer in (model.stem, model.last):
+        layer.requires_grad_(False)  # a head-only stage of staged fine-tuning
+    labels = torch.tensor([[1.0, 0, 0], [0, 1, 1]])
+    batch = Batch(
+        torch.randn(2, 3, 8, 8),
+        {"diagnosis": labels},
+        {"diagnosis": torch.ones(2, dtype=torch.bool)},
+    )
+    grads = []
+    for weight in (0.5, 0.0):
+        objective = objective_with(model, CamEntropy("diagnosis", layer="last"))
+        objective.aux_terms[0] = AuxTerm("cam_entropy", weight, objective.aux_terms[0].loss)
+        model.zero_grad()
+        out = objective(batch)
+        assert 0.0 < float(out.aux_losses["cam_entropy"]) <= 1.0
+        out.loss.backward()
+        grads.append(model.fc.weight.grad.clone())
+    assert model.last.weight.grad is None
+    assert not torch.allclose(grads[0], grads[1])  # the term's gradient through alpha
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def odir_run(tmp_path_factory):

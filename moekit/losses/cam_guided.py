@@ -109,6 +109,9 @@ class CamEntropy:
         self._activations.clear()
 
         def keep(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            if torch.is_grad_enabled() and output.grad_fn is None and output.is_floating_point():
+                # a frozen trunk (a head-only stage): the map's gradients still reach the head
+                output.requires_grad_(True)
             self._activations.append(output)
 
         handle = self._target.module.register_forward_hook(keep)
