@@ -19,7 +19,7 @@ from moekit.data.image_io import read_rgb
 from moekit.data.odir import OdirDataset
 from moekit.data.replicas.odir import META_FILE, make_odir_replica
 from moekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from moekit.errors import DataError
+from moekit.errors import ConfigError, DataError
 from moekit.projects.odir import cam_disc
 from moekit.projects.odir.cam_disc import disc_mask, disc_mass_share, input_disc_mask
 
@@ -213,7 +213,6 @@ def test_disc_mass_share_on_a_trained_run(run, replica, meta):
     assert [r["id"] for r in result["per_image"]] == [image_id for _, image_id, _ in picks]
     areas = [float(mask.mean()) for _, _, mask in picks]
     assert [r["area"] for r in result["per_image"]] == pytest.approx(areas)
-    assert result["area_share"] == pytest.approx(np.mean(areas))
     model, _, _ = load_model(run, "best")
     for (index, _, mask), row in zip(picks, result["per_image"], strict=True):
         cam = grad_cam(model, dataset[index]["inputs"][None], "diagnosis", [1], layer).maps[0, 0]
@@ -222,10 +221,12 @@ def test_disc_mass_share_on_a_trained_run(run, replica, meta):
             assert row["mass"] == pytest.approx((cam * mask).sum() / cam.sum(), rel=1e-4, abs=1e-6)
         else:  # an all-zero map (every weighted activation negative) has no mass
             assert math.isnan(row["mass"])
-    defined = [r["mass"] for r in result["per_image"] if not math.isnan(r["mass"])]
-    if defined:
+    defined = [r for r in result["per_image"] if not math.isnan(r["mass"])]
+    assert result["empty_maps"] == len(picks) - len(defined)
+    if defined:  # both means over the same images: those with a map
         assert 0.0 <= result["mass_share"] <= 1.0
-        assert result["mass_share"] == pytest.approx(np.mean(defined))
+        assert result["mass_share"] == pytest.approx(np.mean([r["mass"] for r in defined]))
+        assert result["area_share"] == pytest.approx(np.mean([r["area"] for r in defined]))
         assert result["ratio"] == pytest.approx(result["mass_share"] / result["area_share"])
     else:
         assert math.isnan(result["mass_share"]) and math.isnan(result["ratio"])
@@ -268,3 +269,9 @@ def test_disc_mass_share_needs_the_replica_meta_table(run, replica):
             disc_mass_share(run)
     finally:
         hidden.rename(table)
+
+
+@pytest.mark.slow
+def test_a_class_the_task_does_not_have_is_named(run):
+    with pytest.raises(ConfigError, match="no class 'X' in task 'diagnosis'"):
+        disc_mass_share(run, label="X")

@@ -28,7 +28,7 @@ from moekit.analysis.gradcam import grad_cam, mass_inside
 from moekit.data.image_io import read_rgb
 from moekit.data.preprocess import forward
 from moekit.data.replicas.odir import META_FILE
-from moekit.errors import DataError
+from moekit.errors import ConfigError, DataError
 
 DISC_ELONGATION = 1.1
 """The painted disc's vertical semi-axis over its radius (:mod:`moekit.data.replicas.fundus`)."""
@@ -65,8 +65,9 @@ def disc_mass_share(
 ) -> dict[str, Any]:
     """Grad-CAM mass inside the disc for the ``label``-positive images of ``split``.
 
-    Returns ``{images, mass_share, area_share, ratio, per_image: [{id, mass, area}]}`` with the
-    means over the images (``ratio`` = mass share / area share).
+    Returns ``{images, empty_maps, mass_share, area_share, ratio, per_image: [{id, mass,
+    area}]}``: the means over the images whose map is not all zero (``empty_maps`` counts the
+    others, whose mass share is undefined), ``ratio`` = mass share / area share.
     """
     from moekit.engine.checkpoint import load_model
     from moekit.inference.inputs import pipeline_from_config
@@ -78,6 +79,8 @@ def disc_mass_share(
         raise DataError(f"{table}: not found (the disc positions of a replica written by moekit)")
     meta = pd.read_csv(table, dtype={"id": str}).set_index(["split", "id"])
     names = list(tasks[task].options.get("class_names") or [])
+    if label not in names:
+        raise ConfigError(f"disc_mass_share: no class '{label}' in task '{task}' ({names})")
     column = names.index(label)
     picks = [
         i for i, r in enumerate(dataset.records) if r.labels is not None and r.labels[column] == 1
@@ -100,9 +103,10 @@ def disc_mass_share(
             )
     defined = [r for r in rows if not math.isnan(r["mass"])]
     mass = float(np.mean([r["mass"] for r in defined])) if defined else math.nan
-    area = float(np.mean([r["area"] for r in rows])) if rows else math.nan
+    area = float(np.mean([r["area"] for r in defined])) if defined else math.nan
     return {
         "images": len(rows),
+        "empty_maps": len(rows) - len(defined),
         "mass_share": mass,
         "area_share": area,
         "ratio": mass / area if area and not math.isnan(mass) else math.nan,
