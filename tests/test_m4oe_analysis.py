@@ -260,7 +260,7 @@ def test_study_report_draws_competition_and_utilisation(gamma_runs):
 
     _, study, _ = gamma_runs
     assert analysis_main([str(study)]) == 0
-    out = study / "m4oe"
+    out = study / "m4oe_analysis"
     drops = pd.read_csv(out / "competition.csv")
     assert set(drops.model) == {"m4oe", "fundus_only"}
     fundus_only = drops[(drops.model == "fundus_only") & (drops.dropped == "fundus")]

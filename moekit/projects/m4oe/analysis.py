@@ -14,7 +14,8 @@ For every run of a study directory written by ``moekit sweep`` (``<variant>/seed
   ``replica_truth.csv`` — whether a model reads the informative modality of each patient (the
   sample-dynamic fusion M4oE is built for).
 
-Run as ``python -m moekit.projects.m4oe.analysis STUDY_DIR`` (writes ``STUDY_DIR/m4oe/``).
+Run as ``python -m moekit.projects.m4oe.analysis STUDY_DIR`` (writes ``STUDY_DIR/m4oe_analysis/``,
+beside the variants' folders).
 :data:`PAPER_TABLE1` holds the paper's Table 1 (accuracy %, the real datasets) as labelled
 reference rows: they are not comparable with numbers measured on the replica.
 """
@@ -266,12 +267,12 @@ def report(
     checkpoint: str = "best",
 ) -> Path:
     """Write the competition and utilisation tables and figures of a study into
-    ``STUDY_DIR/m4oe/`` (CSV per run, markdown and PNG of the means over seeds) and the
+    ``STUDY_DIR/m4oe_analysis/`` (CSV per run, markdown and PNG of the means over seeds) and the
     paper's Table 1 reference rows; returns that folder."""
     from moekit.analysis.figures import plot_modality_drop, plot_modality_utilisation
 
     study_dir = Path(study_dir)
-    out = study_dir / "m4oe"
+    out = study_dir / "m4oe_analysis"
     runs = study_runs(study_dir, variants)
     drops = competition(runs, modalities, split, checkpoint)
     atomic_write_text(out / "competition.csv", drops.to_csv(index=False))
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moekit.projects.m4oe.analysis",
         description="Modality competition and utilisation of a finished M4oE study "
-        "(writes STUDY_DIR/m4oe/).",
+        "(writes STUDY_DIR/m4oe_analysis/).",
     )
     parser.add_argument("study_dir", help="a study directory written by moekit sweep")
     parser.add_argument("--variants", nargs="+", help="the variants to analyse (default: all)")
