@@ -130,6 +130,12 @@ def test_workers_run_single_threaded_and_leave_the_callers_threads_alone():
         assert expert_threads.num_workers(torch.device("cpu"), 8) == 2
         with FlopCounterMode(display=False):
             assert expert_threads.num_workers(torch.device("cpu"), 8) == 1, "modes are per thread"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MOEKIT_EXPERT_WORKERS", "off")
+            assert expert_threads.num_workers(torch.device("cpu"), 8) == 1
+            patch.setenv("MOEKIT_EXPERT_WORKERS", "sometimes")
+            with pytest.raises(ValueError, match="MOEKIT_EXPERT_WORKERS='sometimes'"):
+                expert_threads.num_workers(torch.device("cpu"), 8)
         parts = expert_threads.run_blocks(
             lambda blocks: (blocks, torch.get_num_threads(), torch.is_grad_enabled()),
             list("abcd"),
