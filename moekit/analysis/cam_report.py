@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.analysis.figures import pyplot
+from moekit.analysis.figures import pyplot, save_figure
 from moekit.analysis.gradcam import CamResult, grad_cam
 from moekit.analysis.predictions import display_image
 from moekit.data.collate import collate_samples
@@ -151,11 +151,7 @@ def draw_cam(
         if not ax.images and ax.get_title() == "":
             ax.set_axis_off()
     fig.suptitle(f"Grad-CAM at {result.layer} ({task.name})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=True)
 
 
 def load_cam_images(

@@ -54,10 +54,13 @@ def _heatmap(
     return image
 
 
-def save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path, *, tight: bool = False) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; ``tight`` crops the saved
+    image to its content (``bbox_inches="tight"``)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
     pyplot().close(fig)
     return path
 

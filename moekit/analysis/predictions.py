@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from moekit.analysis.figures import pyplot
+from moekit.analysis.figures import pyplot, save_figure
 from moekit.data.collate import collate_samples
 from moekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from moekit.metrics.base import DEFAULT_THRESHOLD, above_threshold
@@ -318,9 +318,4 @@ def plot_predictions(
     if any(tasks[n].kind == "segmentation" for n in dense):
         notes.append(f"masks: p > {threshold:g}")
     fig.suptitle(f"predictions on {count} images ({'; '.join(notes)})", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=True)

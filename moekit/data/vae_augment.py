@@ -182,7 +182,7 @@ def plot_samples(
     real: Mapping[str, Tensor], generated: Mapping[str, Tensor], path: Path, per_row: int = 4
 ) -> Path:
     """One row per class: ``per_row`` real images, then ``per_row`` generated ones."""
-    from moekit.engine.curves import pyplot
+    from moekit.analysis.figures import pyplot, save_figure
 
     plt = pyplot()
     names = list(real)
@@ -202,11 +202,7 @@ def plot_samples(
             if c in (0, per_row):
                 ax.set_title(f"{name}: {'real' if c == 0 else 'generated'}", fontsize=9)
     fig.suptitle("VAE augmentation: real (left) and generated (right) images per class")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=True)
 
 
 def vae_augment(
